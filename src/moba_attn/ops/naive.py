@@ -1,0 +1,101 @@
+"""Ground truth for MoBA: one sequence at a time, a dense boolean mask, plain softmax.
+
+Readable in a minute and slow on purpose (O(Tq * Tk) memory per sequence). Every fast path
+is tested against this file. The rule (see ops/README.md and MOBA_SPEC.md):
+
+  query at key position t, own block c = t // B, query head h (kv head h // (Hq // Hkv))
+  1. centroid of block i = mean of its keys, in fp32
+  2. gate score s_i = <q_t, centroid_i> in fp32 (unscaled)
+  3. candidates: blocks i < c of the same sequence
+  4. pick all candidates if c <= k - 1, else the k - 1 best (ties -> lower block index)
+  5. attend to the picked blocks (whole) and to keys c*B .. t of the own block
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def moba_mask_naive(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+    """Boolean mask ``[Hq, Tq, Tk]`` of the keys each query attends, for ONE sequence.
+
+    q: ``[Tq, Hq, D]`` (the last Tq positions of the sequence), k: ``[Tk, Hkv, D]``.
+    """
+    Tq, Hq, _ = q.shape
+    Tk, Hkv, _ = k.shape
+    group = Hq // Hkv
+    n_blocks = math.ceil(Tk / block_size)
+    pos_q = torch.arange(Tk - Tq, Tk, device=q.device)  # bottom-right alignment
+    pos_k = torch.arange(Tk, device=q.device)
+    own_q = pos_q // block_size  # [Tq]
+    blk_k = pos_k // block_size  # [Tk]
+
+    # 1. centroids in fp32, one per (block, kv head), expanded to the query heads
+    centroids = torch.stack(
+        [k[i * block_size : (i + 1) * block_size].float().mean(0) for i in range(n_blocks)]
+    )  # [n_blocks, Hkv, D]
+    centroids = centroids.repeat_interleave(group, dim=1)  # [n_blocks, Hq, D]
+    # 2. gate scores in fp32
+    gate = torch.einsum("qhd,nhd->hqn", q.float(), centroids)  # [Hq, Tq, n_blocks]
+    # 3. candidates: strictly earlier blocks
+    blocks = torch.arange(n_blocks, device=q.device)
+    candidate = blocks[None, None, :] < own_q[None, :, None]  # [1, Tq, n_blocks]
+    gate = gate.masked_fill(~candidate, float("-inf"))
+    # 4. top-(k-1) with the tie rule: a stable descending sort keeps lower indices first
+    n_pick = min(topk - 1, n_blocks)
+    order = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :n_pick]
+    chosen = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, order, True) & candidate
+    # 5. chosen blocks + own block, causal at the token level
+    own = blocks[None, None, :] == own_q[None, :, None]
+    block_ok = chosen | own  # [Hq, Tq, n_blocks]
+    causal = pos_k[None, None, :] <= pos_q[None, :, None]  # [1, Tq, Tk]
+    return block_ok[..., blk_k] & causal
+
+
+def moba_attn_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    block_size: int,
+    topk: int,
+    softmax_scale: float | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference MoBA over a packed batch. Returns ``(out [total_q, Hq, D], lse [Hq, total_q])``.
+
+    Attention runs in ``compute_dtype`` (fp32 or fp64); the gate always runs in fp32 on the
+    inputs as given. Differentiable by plain autograd (the mask is not).
+    """
+    Hq, D = q.shape[1], q.shape[2]
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    scale = D**-0.5 if softmax_scale is None else softmax_scale
+    out = q.new_zeros(q.shape, dtype=compute_dtype)
+    lse = q.new_zeros((Hq, q.shape[0]), dtype=torch.float32)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for s in range(len(cq) - 1):
+        qs, ks, vs = q[cq[s] : cq[s + 1]], k[ck[s] : ck[s + 1]], v[ck[s] : ck[s + 1]]
+        if qs.shape[0] == 0:
+            continue
+        mask = moba_mask_naive(qs, ks, block_size, topk)  # [Hq, Tq, Tk]
+        qc = qs.to(compute_dtype)
+        kc = ks.to(compute_dtype).repeat_interleave(group, dim=1)
+        vc = vs.to(compute_dtype).repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qc, kc) * scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        lse_s = torch.logsumexp(scores, dim=-1)  # [Hq, Tq]
+        probs = torch.exp(scores - lse_s[..., None])
+        outs.append((slice(cq[s], cq[s + 1]), torch.einsum("hqk,khd->qhd", probs, vc)))
+        lses.append((slice(cq[s], cq[s + 1]), lse_s))
+    if outs:  # assemble without in-place writes so autograd sees every piece
+        pieces = [o for _, o in outs]
+        index = torch.cat([torch.arange(sl.start, sl.stop, device=q.device) for sl, _ in outs])
+        out = out.index_put((index,), torch.cat(pieces))
+        lse[:, index] = torch.cat([l for _, l in lses], 1).detach().float()
+    return out, lse
