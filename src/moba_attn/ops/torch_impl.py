@@ -35,7 +35,7 @@ class _Plan:
         n = r1 - r0
         self.r0, self.n, self.k = r0, n, topk
         own = layout.row_own[r0:r1, None, None].expand(n, hq, 1)
-        gb = torch.cat([own, sel], dim=2)  # [n, Hq, k] global block of each slot
+        gb = torch.cat([own, sel.long()], dim=2)  # [n, Hq, k] global block of each slot
         limit = torch.full_like(gb, layout.block_size)
         limit[:, :, 0] = (layout.row_pos[r0:r1] % layout.block_size + 1)[:, None]
         valid = gb >= 0
