@@ -34,6 +34,7 @@ class BlockLayout:
     blk_len: torch.Tensor  # [n_blocks] tokens in each block (< block_size only for a last block)
     row_own_np: np.ndarray
     row_first_np: np.ndarray
+    all_full: bool  # every block has exactly ``width`` tokens
 
     @staticmethod
     def build(cu_q: torch.Tensor, cu_k: torch.Tensor, block_size: int) -> "BlockLayout":
@@ -58,7 +59,8 @@ class BlockLayout:
             return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.int64).to(dev)
 
         return BlockLayout(block_size, n_blocks, max(width, 1), t(row_pos), t(row_own),
-                           t(row_first), t(blk_start), t(blk_len), row_own, row_first)
+                           t(row_first), t(blk_start), t(blk_len), row_own, row_first,
+                           bool((blk_len == max(width, 1)).all()))
 
     def block_tokens(self, total_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(token index [n_blocks, width], valid [n_blocks, width])`` of every block slot."""
@@ -77,6 +79,21 @@ def pad_blocks(x: torch.Tensor, layout: BlockLayout, dtype=None) -> torch.Tensor
         xb = xb.to(dtype)
     nb, w, h, d = xb.shape
     return xb.permute(0, 2, 1, 3).reshape(nb * h, w, d)
+
+
+def block_view(x: torch.Tensor, layout: BlockLayout, dtype=None) -> torch.Tensor:
+    """Keys/values ``[total_k, H, D]`` -> blocks ``[n_blocks, width, H, D]`` (zero padded).
+
+    A view (no copy) when every block is full and the dtype already matches.
+    """
+    dtype = x.dtype if dtype is None else dtype
+    nb, w = layout.n_blocks, layout.width
+    if nb * w == x.shape[0] and layout.all_full:
+        return x.view(nb, w, *x.shape[1:]).to(dtype)
+    tok, valid = layout.block_tokens(x.shape[0])
+    xb = x.new_zeros((nb * w,) + tuple(x.shape[1:]), dtype=dtype)
+    xb[valid.reshape(-1).nonzero().squeeze(1)] = x.to(dtype)
+    return xb.view(nb, w, *x.shape[1:])
 
 
 def block_centroids(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -104,6 +121,23 @@ def sortable_key(scores: torch.Tensor, index_bits: int = 32) -> torch.Tensor:
     ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float value
     col = torch.arange(scores.shape[-1], device=scores.device, dtype=torch.int64)
     return ordered * (1 << index_bits) + ((1 << index_bits) - 1 - col)
+
+
+def _topk_lowest_index_ties(scores: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of the ``m`` largest scores per row; among equal scores the lower index wins.
+
+    A plain float ``topk`` is exact unless the m-th and (m+1)-th values tie (ties inside the
+    chosen set do not change the set); only those rows are redone with the int64 keys.
+    """
+    if m >= scores.shape[-1]:
+        return sortable_key(scores).topk(m, dim=-1).indices
+    vals, idx = scores.topk(m + 1, dim=-1)
+    idx = idx[..., :m]
+    tie = (vals[..., m - 1] == vals[..., m]) & torch.isfinite(vals[..., m - 1])
+    if bool(tie.any()):
+        rows = tie.nonzero(as_tuple=True)
+        idx[rows] = sortable_key(scores[rows]).topk(m, dim=-1).indices
+    return idx
 
 
 def gate_chunk_rows(layout: BlockLayout, r0: int, total_q: int, heads: int,
@@ -142,7 +176,7 @@ def select_blocks(q: torch.Tensor, centroids: torch.Tensor, layout: BlockLayout,
     cand = (gblk[None, :] >= layout.row_first[r0:r1, None]) & (gblk[None, :] < layout.row_own[r0:r1, None])
     scores = scores.masked_fill(~cand[:, None, :], float("-inf"))
     m = min(topk - 1, span)
-    idx = sortable_key(scores).topk(m, dim=-1).indices  # [n, Hq, m]
+    idx = _topk_lowest_index_ties(scores, m)  # [n, Hq, m]
     ok = torch.gather(cand[:, None, :].expand(n, hq, span), -1, idx)
     sel[..., :m] = torch.where(ok, idx + b_lo, torch.full_like(idx, -1))
     return sel

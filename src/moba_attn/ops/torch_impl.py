@@ -1,25 +1,31 @@
 """Efficient exact MoBA in pure PyTorch (any device; the CPU path and the fallback).
 
-Schedule (key-block-major "gather" schedule, like the original release's varlen calls):
-  1. gate each chunk of query rows -> for every (row, head) k slots: its own block + up to
-     k-1 selected earlier blocks, each with a key limit (own block: causal; others: whole);
-  2. group the (row, head, slot) entries by (block, kv head) and cut each group into tiles of
-     up to R rows; a tile is a dense ``[R, D] x [D, W]`` attention against ONE key block;
-  3. per tile: scores, local max / sum -> a normalised partial output and its LSE, written to
-     the entry's slot; 4. merge the k slots of each row with their LSEs.
-The backward recomputes the tiles and applies the flash-attention gradient with the final
-LSE: ``dS = P * (dP - rowsum(dO * O))``. Memory is O(T * H * k * D) per row chunk plus one
-tile batch, never O(T^2) and never a ``[T, #blocks]`` matrix for all rows at once.
+Schedule (key-block-major gather, like the original release's varlen calls):
+  1. gate each chunk of query rows: every (row, head) gets k slots, its own block plus up to
+     k-1 selected earlier blocks (``gate.select_blocks``);
+  2. own blocks: one causal attention over ``[blocks, Hq, W, D]`` with every row placed at its
+     in-block offset (top-left causal == MoBA's own-block rule);
+  3. selected blocks: entries grouped by (block, kv head); each group is a dense attention
+     of its gathered query rows against ONE whole key block (one call per group on CPU, or
+     padded tiles of up to R rows batched together);
+  4. each slot gives a normalised partial output and its LSE; rows merge their k slots by LSE.
+Dense pieces run on PyTorch's fused CPU flash kernel when available, else on matmuls.
+The backward re-runs the pieces with the FINAL out/LSE of each row (flash-attention backward:
+``dS = P * (dP - rowsum(dO * O))``), which is exact for the merged attention.
+Memory is O(T * H * k * D) per row chunk plus one tile batch: never O(T^2), never a
+``[T, #blocks]`` score matrix for all rows at once.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .gate import BlockLayout, block_centroids, gate_chunk_rows, pad_blocks, select_blocks
+from .gate import BlockLayout, block_centroids, block_view, gate_chunk_rows, select_blocks
 
 PART_CHUNK_ELEMS = 1 << 26  # floats of per-slot partials ([rows, Hq, k, D]) per row chunk
 TILE_CHUNK_ELEMS = 1 << 23  # floats of one batch of [C, R, W] score tiles
+TILE_ROWS_MAX = 256
+GROUP_LOOP_MIN_WORK = 1 << 16  # mean entries per group x block width
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -27,61 +33,169 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Plan:
-    """Entries and tiles of one chunk of query rows ``r0:r1``."""
+    """Tiles of the *selected* blocks (slots 1..k-1) of query rows ``r0:r1``.
 
-    def __init__(self, layout: BlockLayout, sel: torch.Tensor, r0: int, r1: int, hq: int,
-                 hkv: int, topk: int):
+    Entry id ``e = (row * Hq + head) * k + slot`` (slot 0, the own block, is handled by the
+    block-diagonal pass). Entries are grouped by (block, kv head) and each group is cut into
+    tiles of ``rows`` entries that all attend the same whole key block.
+    """
+
+    def __init__(self, sel: torch.Tensor, r0: int, hq: int, hkv: int, topk: int):
         dev = sel.device
-        n = r1 - r0
+        n = sel.shape[0]
         self.r0, self.n, self.k = r0, n, topk
-        own = layout.row_own[r0:r1, None, None].expand(n, hq, 1)
-        gb = torch.cat([own, sel.long()], dim=2)  # [n, Hq, k] global block of each slot
-        limit = torch.full_like(gb, layout.block_size)
-        limit[:, :, 0] = (layout.row_pos[r0:r1] % layout.block_size + 1)[:, None]
-        valid = gb >= 0
+        gb = torch.cat([torch.full((n, hq, 1), -1, dtype=torch.int64, device=dev), sel.long()], 2)
         head = torch.arange(hq, device=dev)[None, :, None]
         key = gb * hkv + head // (hq // hkv)  # tile group: (block, kv head)
-        self.limit = limit.reshape(-1)
-        self.valid = valid
-
-        ent = valid.reshape(-1).nonzero().squeeze(1)  # valid entry ids
-        keys = key.reshape(-1)[ent]
-        keys, order = torch.sort(keys, stable=True)
+        ent = (gb >= 0).reshape(-1).nonzero().squeeze(1)
+        keys, order = torch.sort(key.reshape(-1)[ent], stable=True)
         ent = ent[order]
         groups, counts = torch.unique_consecutive(keys, return_counts=True)
-        mean = max(1, ent.numel() // max(groups.numel(), 1))
+        self.ent, self.groups, self.counts = ent, groups, counts
+        self.mean = max(1, ent.numel() // max(groups.numel(), 1))
+
+    def batches(self, width: int, per_group: bool):
+        """Yield ``(ent [C, R], key [C], rank [C])``: C tiles of up to R entries (-1 = padding)
+        that each attend one whole key block ``key`` (= block * Hkv + kv head); ``rank`` is
+        the tile's index inside its group. ``per_group``: one unpadded tile per group."""
+        if per_group:
+            zero = torch.zeros(1, dtype=torch.int64, device=self.ent.device)
+            start = 0
+            for g, c in enumerate(self.counts.tolist()):
+                yield self.ent[start : start + c][None], self.groups[g : g + 1], zero
+                start += c
+            return
         rows = 16
-        while rows < 128 and rows < mean:
+        while rows < TILE_ROWS_MAX and rows * 4 < self.mean:
             rows *= 2
-        self.rows = rows
+        dev, counts = self.ent.device, self.counts
         tiles_per_group = (counts + rows - 1) // rows
         tile_start = torch.cumsum(tiles_per_group, 0) - tiles_per_group
         group_start = torch.cumsum(counts, 0) - counts
-        gid = torch.repeat_interleave(torch.arange(groups.numel(), device=dev), counts)
-        rank = torch.arange(ent.numel(), device=dev) - group_start[gid]
+        gid = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), counts)
+        rank = torch.arange(self.ent.numel(), device=dev) - group_start[gid]
         tile = tile_start[gid] + rank // rows
         n_tiles = int(tiles_per_group.sum())
-        self.tile_entry = torch.full((n_tiles, rows), -1, dtype=torch.int64, device=dev)
-        self.tile_entry[tile, rank % rows] = ent
-        self.tile_key = torch.repeat_interleave(groups, tiles_per_group)
-        self.tile_rank = rank.new_zeros(n_tiles)  # tile's index inside its group (determinism)
-        self.tile_rank[tile] = rank // rows
-
-    def tiles(self, width: int):
-        step = max(1, TILE_CHUNK_ELEMS // (self.rows * width))
-        for c0 in range(0, self.tile_entry.shape[0], step):
-            ent = self.tile_entry[c0 : c0 + step]
-            yield c0, c0 + ent.shape[0], ent
+        tile_entry = torch.full((n_tiles, rows), -1, dtype=torch.int64, device=dev)
+        tile_entry[tile, rank % rows] = self.ent
+        tile_key = torch.repeat_interleave(self.groups, tiles_per_group)
+        tile_rank = rank.new_zeros(n_tiles)
+        tile_rank[tile] = rank // rows
+        step = max(1, TILE_CHUNK_ELEMS // (rows * width))
+        for c0 in range(0, n_tiles, step):
+            yield tile_entry[c0 : c0 + step], tile_key[c0 : c0 + step], tile_rank[c0 : c0 + step]
 
     def rows_of(self, ent: torch.Tensor, hq: int) -> torch.Tensor:
         """Flat ``row * Hq + head`` index (into ``[total_q * Hq]``) of each entry."""
         return (self.r0 + ent // (hq * self.k)) * hq + (ent // self.k) % hq
 
 
-def _tile_scores(qt, kt, limit, scale):
-    s = torch.matmul(qt, kt.transpose(1, 2)) * scale  # [C, R, W]
-    cols = torch.arange(kt.shape[1], device=qt.device)
-    return s.masked_fill(cols[None, None, :] >= limit[:, :, None], float("-inf"))
+# ----------------------------------------------------------------------------- dense tiles
+# Attention of a batch of independent tiles: q [C, H, R, D] against k/v [C, H, W, D], either
+# whole (every row sees every key) or causal from the top-left (row i sees keys 0..i). Returns
+# the tile-normalised output and its LSE [C, H, R]; the backward takes the FINAL out/lse of
+# each row, which makes the per-tile flash gradient exact for the merged attention.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_FLASH_BWD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _use_cpu_flash(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and _CPU_FLASH is not None and _CPU_FLASH_BWD is not None
+
+
+def _masked_scores(qt, kt, scale, causal):
+    s = torch.matmul(qt, kt.transpose(-1, -2)) * scale  # [C, H, R, W]
+    if causal:
+        r = torch.arange(qt.shape[-2], device=qt.device)
+        c = torch.arange(kt.shape[-2], device=qt.device)
+        s = s.masked_fill(c[None, :] > r[:, None], float("-inf"))
+    return s
+
+
+def tile_attn_fwd(qt, kt, vt, scale: float, causal: bool):
+    if _use_cpu_flash(qt):
+        return _CPU_FLASH(qt, kt, vt, 0.0, causal, scale=scale)
+    s = _masked_scores(qt, kt, scale, causal)
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - m)
+    l = p.sum(-1, keepdim=True)
+    return torch.matmul(p, vt) / l, (m + torch.log(l)).squeeze(-1)
+
+
+def tile_attn_bwd(dot, qt, kt, vt, ot, lset, scale: float, causal: bool):
+    """Rows with ``dot == 0`` and ``ot == 0`` contribute nothing (use them as padding)."""
+    if _use_cpu_flash(qt):
+        c = [x.contiguous() for x in (dot, qt, kt, vt, ot, lset)]
+        return _CPU_FLASH_BWD(*c, 0.0, causal, scale=scale)
+    s = _masked_scores(qt, kt, scale, causal)
+    p = torch.exp(s - lset[..., None])
+    dv = torch.matmul(p.transpose(-1, -2), dot)  # [C, H, W, D]
+    dp = torch.matmul(dot, vt.transpose(-1, -2))  # [C, H, R, W]
+    ds = p * (dp - (dot * ot).sum(-1, keepdim=True))
+    return torch.matmul(ds, kt) * scale, torch.matmul(ds.transpose(-1, -2), qt) * scale, dv
+
+
+_PAD_LSE = 1e30  # lse of padding rows: exp(s - lse) == 0 without overflow
+
+
+# ----------------------------------------------------------------------------- own block
+class _Diag:
+    """The own-block pass for rows ``r0:r1``: each row placed at its in-block offset inside a
+    ``[n_diag_blocks, Hq, W, D]`` layout, so top-left causal attention is exactly MoBA's.
+    For a full prefill the layout is a view of the rows (no copy)."""
+
+    def __init__(self, layout: BlockLayout, r0: int, r1: int, hq: int):
+        own = layout.row_own[r0:r1]
+        self.blocks, inv = torch.unique_consecutive(own, return_inverse=True)
+        self.n_blocks, self.width, self.hq, self.n = self.blocks.numel(), layout.width, hq, r1 - r0
+        # slots are strictly increasing, so n == nd * W means slot == arange(n)
+        self.identity = self.n == self.n_blocks * self.width
+        self.slot = None if self.identity else inv * layout.width + layout.row_pos[r0:r1] % layout.block_size
+        b0 = int(self.blocks[0]) if self.n_blocks else 0
+        self.contiguous = self.n_blocks == 0 or int(self.blocks[-1]) - b0 + 1 == self.n_blocks
+        self.b0 = b0
+
+    def scatter(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Rows ``[n, Hq, ...]`` -> ``[nd, Hq, W, ...]`` (padding = ``fill``)."""
+        rest = tuple(x.shape[2:])
+        if self.identity:
+            buf = x
+        else:
+            buf = x.new_full((self.n_blocks * self.width, self.hq) + rest, fill)
+            buf[self.slot] = x
+        return buf.view((self.n_blocks, self.width, self.hq) + rest).transpose(1, 2)
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`scatter`: ``[nd, Hq, W, ...]`` -> rows ``[n, Hq, ...]``."""
+        rest = tuple(y.shape[3:])
+        y = y.transpose(1, 2).reshape((self.n_blocks * self.width, self.hq) + rest)
+        return y if self.identity else y[self.slot]
+
+    def kv(self, xb: torch.Tensor) -> torch.Tensor:
+        """Blocks ``[nb, W, Hkv, D]`` -> this pass's ``[nd, Hq, W, D]`` (GQA: heads repeated)."""
+        x = xb[self.b0 : self.b0 + self.n_blocks] if self.contiguous else xb[self.blocks]
+        x = x.transpose(1, 2)  # [nd, Hkv, W, D]
+        hkv = x.shape[1]
+        if hkv == self.hq:
+            return x
+        nd, _, w, d = x.shape
+        return x[:, :, None].expand(nd, hkv, self.hq // hkv, w, d).reshape(nd, self.hq, w, d)
+
+    def reduce_kv(self, dx: torch.Tensor, dxb: torch.Tensor) -> None:
+        """Add gradients ``[nd, Hq, W, D]`` into ``dxb [nb, W, Hkv, D]`` (GQA: summed)."""
+        nd, _, w, d = dx.shape
+        hkv = dxb.shape[2]
+        dx = dx.view(nd, hkv, self.hq // hkv, w, d).sum(2).transpose(1, 2)  # [nd, W, Hkv, D]
+        if self.contiguous:
+            dxb[self.b0 : self.b0 + nd] += dx
+        else:
+            dxb.index_add_(0, self.blocks, dx)  # blocks are unique
+
+
+def _per_group(plan: _Plan, layout: BlockLayout) -> bool:
+    """One call per (block, kv head) group instead of padded tile batches: no K/V gather and
+    no padding, worth it for the CPU forward once a group carries enough work."""
+    return _use_cpu_flash(plan.ent) and plan.mean * layout.width >= GROUP_LOOP_MIN_WORK
 
 
 def _gate_all(q, k, layout, topk):
@@ -97,42 +211,70 @@ def _gate_all(q, k, layout, topk):
     return torch.cat(out)
 
 
-def _row_chunks(total_q: int, hq: int, topk: int, d: int):
-    step = max(1, PART_CHUNK_ELEMS // (hq * topk * d))
+def _row_chunks(total_q: int, hq: int, topk: int, d: int, width: int):
+    step = max(1, PART_CHUNK_ELEMS // (hq * max(topk * d, width)))
     for r0 in range(0, total_q, step):
         yield r0, min(total_q, r0 + step)
 
 
+def _block_heads(xb: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """``xb [nb, W, Hkv, D]``, key = block * Hkv + kv head ``[C]`` -> ``[C, 1, W, D]``."""
+    hkv = xb.shape[2]
+    return xb[key // hkv, :, key % hkv][:, None]
+
+
+def _selected_fwd(q, kb, vb, plan, layout, scale, cdt, po, pl):
+    """Partial outputs/LSEs of the selected blocks, written to entry slots ``po``/``pl``."""
+    hq, d = q.shape[1], q.shape[2]
+    qf = q.reshape(-1, d)
+    if _per_group(plan, layout):
+        qs = qf[plan.rows_of(plan.ent, hq)].to(cdt)  # [N, D] in group order
+        os_, ls = torch.empty_like(qs), qs.new_empty(qs.shape[0])
+        start, hkv = 0, kb.shape[2]
+        for g, c in zip(plan.groups.tolist(), plan.counts.tolist()):
+            kg = kb[g // hkv, :, g % hkv][None, None]  # [1, 1, W, D], a view
+            vg = vb[g // hkv, :, g % hkv][None, None]
+            o, l = _CPU_FLASH(qs[start : start + c][None, None], kg, vg, 0.0, False, scale=scale)
+            os_[start : start + c], ls[start : start + c] = o[0, 0], l[0, 0]
+            start += c
+        po[plan.ent], pl[plan.ent] = os_, ls
+        return
+    for ent, key, _ in plan.batches(layout.width, False):
+        keep = ent >= 0
+        qt = qf[plan.rows_of(ent.clamp(min=0), hq)].to(cdt)[:, None]  # [C, 1, R, D]
+        o, l = tile_attn_fwd(qt, _block_heads(kb, key), _block_heads(vb, key), scale, False)
+        po[ent[keep]] = o[:, 0][keep]
+        pl[ent[keep]] = l[:, 0][keep]
+
+
 def _forward(q, k, v, layout, sel, topk, scale):
     total_q, hq, d = q.shape
-    hkv = k.shape[1]
     cdt = _compute_dtype(q.dtype)
-    kb, vb = pad_blocks(k, layout, cdt), pad_blocks(v, layout, cdt)  # [nb*Hkv, W, D]
-    qf = q.reshape(total_q * hq, d)
+    kb, vb = block_view(k, layout, cdt), block_view(v, layout, cdt)  # [nb, W, Hkv, D]
     out = torch.empty(total_q, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(total_q, hq, dtype=cdt, device=q.device)
-    for r0, r1 in _row_chunks(total_q, hq, topk, d):
-        plan = _Plan(layout, sel[r0:r1], r0, r1, hq, hkv, topk)
+    for r0, r1 in _row_chunks(total_q, hq, topk, d, layout.width):
         n = r1 - r0
-        part_out = torch.zeros(n * hq * topk, d, dtype=cdt, device=q.device)
-        part_lse = torch.full((n * hq * topk,), float("-inf"), dtype=cdt, device=q.device)
-        for c0, c1, ent in plan.tiles(layout.width):
-            pad = ent < 0
-            e = ent.clamp(min=0)
-            qt = qf[plan.rows_of(e, hq)].to(cdt)  # [C, R, D]
-            key = plan.tile_key[c0:c1]
-            s = _tile_scores(qt, kb[key], plan.limit[e].masked_fill(pad, 1), scale)
-            m = s.amax(-1, keepdim=True)  # [C, R, 1]
-            p = torch.exp(s - m)
-            l = p.sum(-1, keepdim=True)
-            o = torch.matmul(p, vb[key]) / l  # [C, R, D]
-            keep = ~pad
-            part_out[ent[keep]] = o[keep]
-            part_lse[ent[keep]] = (m + torch.log(l)).squeeze(-1)[keep]
-        part_lse = part_lse.view(n, hq, topk)
+        diag = _Diag(layout, r0, r1, hq)
+        o, l = tile_attn_fwd(diag.scatter(q[r0:r1].to(cdt)), diag.kv(kb), diag.kv(vb), scale,
+                             causal=True)
+        if topk == 1:
+            out[r0:r1], lse[r0:r1] = diag.gather(o).to(q.dtype), diag.gather(l)
+            continue
+        part_out = torch.empty(n, hq, topk, d, dtype=cdt, device=q.device)
+        part_lse = torch.empty(n, hq, topk, dtype=cdt, device=q.device)
+        part_out[:, :, 0], part_lse[:, :, 0] = diag.gather(o), diag.gather(l)
+        empty = sel[r0:r1] < 0  # unused slots: weight 0, value 0
+        part_out[:, :, 1:][empty] = 0
+        part_lse[:, :, 1:][empty] = float("-inf")
+        plan = _Plan(sel[r0:r1], r0, hq, k.shape[1], topk)
+        _selected_fwd(q, kb, vb, plan, layout, scale, cdt, part_out.view(-1, d), part_lse.view(-1))
         row_lse = torch.logsumexp(part_lse, dim=-1)  # [n, Hq]
-        w = torch.exp(part_lse - row_lse[..., None])  # 0 for empty slots
-        out[r0:r1] = (w[..., None] * part_out.view(n, hq, topk, d)).sum(2).to(q.dtype)
+        w = torch.exp(part_lse - row_lse[..., None])
+        acc = part_out[:, :, 0] * w[..., 0:1]
+        for j in range(1, topk):  # k small: a few fused passes beat a batched [1, k] matmul
+            acc.addcmul_(part_out[:, :, j], w[..., j : j + 1])
+        out[r0:r1] = acc.to(q.dtype)
         lse[r0:r1] = row_lse
     return out, lse.t().contiguous()  # lse in the compute dtype, [Hq, total_q]
 
@@ -151,43 +293,49 @@ def _backward(q, k, v, out, lse, dout, layout, sel, topk, scale, deterministic):
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     cdt = _compute_dtype(q.dtype)
-    kb, vb = pad_blocks(k, layout, cdt), pad_blocks(v, layout, cdt)
+    kb, vb = block_view(k, layout, cdt), block_view(v, layout, cdt)  # [nb, W, Hkv, D]
     dkb, dvb = torch.zeros_like(kb), torch.zeros_like(vb)
-    qf = q.reshape(total_q * hq, d)
-    dof = dout.reshape(total_q * hq, d)
-    lse_f = lse.t().reshape(-1).to(cdt)  # [total_q * Hq]
-    delta = (dout.to(cdt) * out.to(cdt)).sum(-1).reshape(-1)  # rowsum(dO * O)
+    qf, dof, of = (x.reshape(total_q * hq, d) for x in (q, dout, out))
+    lse_rows = lse.t().to(cdt).contiguous()  # [total_q, Hq]
+    lse_f = lse_rows.reshape(-1)
     dq = torch.empty(total_q, hq, d, dtype=cdt, device=q.device)
-    for r0, r1 in _row_chunks(total_q, hq, topk, d):
-        plan = _Plan(layout, sel[r0:r1], r0, r1, hq, hkv, topk)
+    nb, w = layout.n_blocks, layout.width
+    dk_flat, dv_flat = dkb.view(nb * w * hkv, d), dvb.view(nb * w * hkv, d)
+    for r0, r1 in _row_chunks(total_q, hq, topk, d, layout.width):
         n = r1 - r0
-        dq_part = torch.zeros(n * hq * topk, d, dtype=cdt, device=q.device)
-        for c0, c1, ent in plan.tiles(layout.width):
-            pad = ent < 0
-            e = ent.clamp(min=0)
-            rows = plan.rows_of(e, hq)
-            qt, dot = qf[rows].to(cdt), dof[rows].to(cdt)  # [C, R, D]
-            key = plan.tile_key[c0:c1]
-            kt, vt = kb[key], vb[key]  # [C, W, D]
-            s = _tile_scores(qt, kt, plan.limit[e].masked_fill(pad, 1), scale)
-            p = torch.exp(s - lse_f[rows][..., None]).masked_fill(pad[..., None], 0)
-            dv_t = torch.matmul(p.transpose(1, 2), dot)  # [C, W, D]
-            dp = torch.matmul(dot, vt.transpose(1, 2))  # [C, R, W]
-            ds = p * (dp - delta[rows][..., None])
-            dq_t = torch.matmul(ds, kt) * scale  # [C, R, D]
-            dk_t = torch.matmul(ds.transpose(1, 2), qt) * scale  # [C, W, D]
-            keep = ~pad
-            dq_part[ent[keep]] = dq_t[keep]
-            rank = plan.tile_rank[c0:c1]
-            _add_rows(dkb, key, dk_t, rank, deterministic)
-            _add_rows(dvb, key, dv_t, rank, deterministic)
-        dq[r0:r1] = dq_part.view(n, hq, topk, d).sum(2)
+        diag = _Diag(layout, r0, r1, hq)
+        dq_d, dk_d, dv_d = tile_attn_bwd(
+            diag.scatter(dout[r0:r1].to(cdt)), diag.scatter(q[r0:r1].to(cdt)),
+            diag.kv(kb), diag.kv(vb), diag.scatter(out[r0:r1].to(cdt)),
+            diag.scatter(lse_rows[r0:r1], _PAD_LSE), scale, causal=True)
+        dq_chunk = diag.gather(dq_d)  # [n, Hq, D]
+        diag.reduce_kv(dk_d, dkb)
+        diag.reduce_kv(dv_d, dvb)
+        if topk > 1:
+            plan = _Plan(sel[r0:r1], r0, hq, hkv, topk)
+            dq_part = torch.zeros(n * hq * topk, d, dtype=cdt, device=q.device)
+            for ent, key, rank in plan.batches(layout.width, False):
+                keep = ent >= 0
+                rows = plan.rows_of(ent.clamp(min=0), hq)
+                z = ~keep[..., None]
+                dot = dof[rows].to(cdt).masked_fill(z, 0)[:, None]  # padding rows: dO = O = 0
+                ot = of[rows].to(cdt).masked_fill(z, 0)[:, None]
+                dq_t, dk_t, dv_t = tile_attn_bwd(
+                    dot, qf[rows].to(cdt)[:, None], _block_heads(kb, key), _block_heads(vb, key),
+                    ot, lse_f[rows].masked_fill(~keep, _PAD_LSE)[:, None], scale, causal=False)
+                dq_part[ent[keep]] = dq_t[:, 0][keep]
+                # rows of (block, :, kv head) in the flat [nb * W * Hkv, D] gradient buffers
+                tok = ((key // hkv)[:, None] * w + torch.arange(w, device=q.device)) * hkv
+                tok = (tok + (key % hkv)[:, None]).reshape(-1)
+                rank_t = rank[:, None].expand(-1, w).reshape(-1)
+                _add_rows(dk_flat, tok, dk_t[:, 0].reshape(-1, d), rank_t, deterministic)
+                _add_rows(dv_flat, tok, dv_t[:, 0].reshape(-1, d), rank_t, deterministic)
+            dq_chunk = dq_chunk + dq_part.view(n, hq, topk, d).sum(2)
+        dq[r0:r1] = dq_chunk
 
     def unpad(xb, like):
-        nb, w = layout.n_blocks, layout.width
-        x = xb.view(nb, hkv, w, d).permute(0, 2, 1, 3).reshape(nb * w, hkv, d)
         _, valid = layout.block_tokens(like.shape[0])
-        return x[valid.reshape(-1)].to(like.dtype)
+        return xb.reshape(nb * w, hkv, d)[valid.reshape(-1)].to(like.dtype)
 
     return dq.to(q.dtype), unpad(dkb, k), unpad(dvb, v)
 

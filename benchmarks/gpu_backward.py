@@ -1,0 +1,288 @@
+"""MoBA forward+backward on one GPU vs dense SDPA (FLASH_ATTENTION, CUDNN_ATTENTION).
+
+Checks the Triton backward against the exact torch backward first, optionally sweeps the
+backward's tile shapes once, then times fwd and fwd+bwd (gating included) for
+  - FlashMoBA's setting: batch 2, 16 heads, D=128, block 128, topk 8, T = 8K .. 512K
+  - the paper's setting: batch 1, 8 heads, D=128, block 4096, topk 12, T = 128K .. 1M
+The MoBA forward is ``triton_attention`` when it imports (else the torch forward) and the
+backward is ``triton_backward``. Dense baselines are timed in the same run up to
+``--dense-max``; longer ones are skipped (PERF.md has them). Useful FLOPs only (selected keys):
+fwd 4*D per (row, head, key), fwd+bwd 3.5x that. Writes JSON to ``--out`` and prints a table.
+
+    PYTHONPATH=src python benchmarks/gpu_backward.py --out bench_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moba_attn.ops import torch_impl
+from moba_attn.ops import triton_backward as tb
+from moba_attn.ops.gate import BlockLayout, dense_causal_keys, n_attended_keys
+
+K = 1024
+
+
+# ----------------------------------------------------------------------------- MoBA callables
+class _TorchFwdTritonBwd(torch.autograd.Function):
+    """Torch-path forward + Triton backward (used when the Triton forward is absent)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, block_size, topk, scale):
+        layout = BlockLayout.build(cu, cu, block_size)
+        sel = torch_impl._gate_all(q, k, layout, topk)
+        out, lse = torch_impl._forward(q, k, v, layout, sel, topk, scale)
+        ctx.save_for_backward(q, k, v, out, lse, sel)
+        ctx.args = (layout, topk, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, sel = ctx.saved_tensors
+        layout, topk, scale = ctx.args
+        dq, dk, dv = tb.moba_backward_triton(q, k, v, out, lse.float(), dout.contiguous(), layout,
+                                             sel, topk, scale, False)
+        return dq, dk, dv, None, None, None, None
+
+
+def moba_fn():
+    """``(name, f(q, k, v, cu, T, B, topk) -> out)`` for the fastest available forward."""
+    try:
+        from moba_attn.ops import triton_attention as ta
+
+        assert ta._backward_impl() is tb.moba_backward_triton
+    except Exception as err:  # forward kernels absent or broken: torch forward
+        print(f"# triton forward unavailable ({type(err).__name__}: {err}); torch forward")
+
+        def f(q, k, v, cu, t, b, kk):
+            return _TorchFwdTritonBwd.apply(q, k, v, cu, b, kk, q.shape[-1] ** -0.5)
+
+        return "torch-fwd+triton-bwd", f
+
+    def f(q, k, v, cu, t, b, kk):
+        return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=b, topk=kk,
+                                   softmax_scale=q.shape[-1] ** -0.5)[0]
+
+    return "triton-fwd+triton-bwd", f
+
+
+# ----------------------------------------------------------------------------- timing
+def time_ms(fn, long_reps=3):
+    """Median ms: do_bench for short calls, 1 warm-up + ``long_reps`` events for long ones."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - t0) * 1e3
+    if first < 80:
+        return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+    times = []
+    for _ in range(long_reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def inputs(batch, t, hq, hkv, d, grad=True):
+    g = dict(device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    q = torch.randn(batch * t, hq, d, **g)
+    k = torch.randn(batch * t, hkv, d, **g)
+    v = torch.randn(batch * t, hkv, d, **g)
+    cu = torch.arange(0, (batch + 1) * t, t, device="cuda", dtype=torch.int32)
+    return q, k, v, cu
+
+
+def fwd_bwd(f):
+    def run():
+        for x in run.leaves:
+            x.grad = None
+        out = f()
+        out.backward(run.dout)
+    return run
+
+
+def bench_moba(name_fn, batch, t, hq, hkv, d, b, kk):
+    _, f = name_fn
+    q, k, v, cu = inputs(batch, t, hq, hkv, d)
+    dout = torch.randn_like(q)
+    with torch.no_grad():
+        fwd = time_ms(lambda: f(q, k, v, cu, t, b, kk))
+    run = fwd_bwd(lambda: f(q, k, v, cu, t, b, kk))
+    run.leaves, run.dout = (q, k, v), dout
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fb = time_ms(run)
+    peak = torch.cuda.max_memory_allocated() - base
+    keys = n_attended_keys(cu.cpu(), cu.cpu(), b, kk) * hq
+    return dict(fwd_ms=fwd, fwdbwd_ms=fb, peak_extra_gb=peak / 1e9,
+                tflops_fwdbwd=3.5 * 4 * d * keys / (fb * 1e-3) / 1e12)
+
+
+def bench_dense(backend, batch, t, hq, d):
+    q, k, v, _ = inputs(batch, t, hq, hq, d)
+    q4, k4, v4 = (x.detach().view(batch, t, hq, d).transpose(1, 2).requires_grad_()
+                  for x in (q, k, v))
+    del q, k, v
+    dout = torch.randn_like(q4)
+
+    def f():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True)
+
+    with torch.no_grad():
+        fwd = time_ms(f)
+    run = fwd_bwd(f)
+    run.leaves, run.dout = (q4, k4, v4), dout
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fb = time_ms(run)
+    peak = torch.cuda.max_memory_allocated() - base
+    return dict(fwd_ms=fwd, fwdbwd_ms=fb, peak_extra_gb=peak / 1e9)
+
+
+# ----------------------------------------------------------------------------- checks
+def check_backward(batch=2, t=4 * K, hq=16, hkv=4, d=128, b=128, kk=8):
+    """Triton backward vs the torch backward (fp32 math) on the same out/lse/sel."""
+    q, k, v, cu = inputs(batch, t, hq, hkv, d, grad=False)
+    cu_q = torch.tensor([0, 1, 1 + t // 4, batch * t], device="cuda",
+                        dtype=torch.int32)  # ragged: a length-1 and a short sequence
+    layout = BlockLayout.build(cu_q, cu_q, b)
+    scale = d ** -0.5
+    sel = torch_impl._gate_all(q, k, layout, kk)
+    out, lse = torch_impl._forward(q, k, v, layout, sel, kk, scale)
+    dout = torch.randn_like(q)
+    ref = torch_impl._backward(q, k, v, out, lse, dout, layout, sel, kk, scale, False)
+    res = {}
+    for det in (False, True):
+        got = tb.moba_backward_triton(q, k, v, out, lse.float(), dout, layout, sel, kk, scale, det)
+        for n, a, r in zip(("dq", "dk", "dv"), got, ref):
+            e = ((a.float() - r.float()).norm() / r.float().norm()).item()
+            res[f"{n}{'_det' if det else ''}"] = e
+            assert e < 2e-2, f"{n} (deterministic={det}) rel error {e:.2e} vs torch backward"
+    return res
+
+
+def sweep(batch, t, hq, hkv, d, b, kk):
+    """Time the backward alone for a few tile shapes; keep the fastest per kernel."""
+    q, k, v, cu = inputs(batch, t, hq, hkv, d, grad=False)
+    layout = BlockLayout.build(cu, cu, b)
+    scale = d ** -0.5
+    sel = torch_impl._gate_all(q, k, layout, kk)
+    out, lse = torch_impl._forward(q, k, v, layout, sel, kk, scale)
+    dout = torch.randn_like(q)
+
+    def bwd():
+        tb.moba_backward_triton(q, k, v, out, lse, dout, layout, sel, kk, scale, False)
+
+    results = {}
+    cand = {"dkdv": [(64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
+            "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 4, 3)]}
+    for kernel in ("dkdv", "dq"):
+        best = None
+        for cfg in cand[kernel]:
+            tb.KERNEL_CONFIG[kernel][d] = cfg
+            try:
+                ms = time_ms(bwd)
+            except Exception as err:  # a shape the compiler refuses (resources): skip it
+                print(f"# {kernel} {cfg}: {type(err).__name__}: {str(err)[:100]}")
+                continue
+            results[f"{kernel}{cfg}"] = ms
+            print(f"# sweep {kernel} {cfg}: bwd {ms:.2f} ms")
+            if best is None or ms < best[1]:
+                best = (cfg, ms)
+        tb.KERNEL_CONFIG[kernel][d] = best[0]
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--flashmoba-t", default="8,32,128,512", help="T in K tokens")
+    ap.add_argument("--paper-t", default="128,512,1024", help="T in K tokens")
+    ap.add_argument("--dense-max", type=int, default=128, help="largest dense T (K tokens)")
+    ap.add_argument("--budget-s", type=float, default=240, help="skip the rest past this")
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+    machine = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
+               f"{triton.__version__} | python {platform.python_version()}")
+    print("#", machine)
+    res = dict(machine=machine, date=time.strftime("%Y-%m-%d %H:%M"), check=check_backward(),
+               rows=[])
+    print("# check vs torch backward (rel err):",
+          {k: f"{v:.1e}" for k, v in res["check"].items()})
+    name_fn = moba_fn()
+    res["moba_impl"] = name_fn[0]
+    if not args.no_sweep:
+        res["sweep"] = sweep(2, 128 * K, 16, 16, 128, 128, 8)
+    res["kernel_config"] = {k: {str(d): c for d, c in v.items()}
+                            for k, v in tb.KERNEL_CONFIG.items()}
+
+    settings = [("flashmoba", 2, 16, 128, 8, int(x)) for x in args.flashmoba_t.split(",")]
+    settings += [("paper", 1, 8, 4096, 12, int(x)) for x in args.paper_t.split(",")]
+    for name, batch, h, b, kk, tk in settings:
+        if time.perf_counter() - t_start > args.budget_s:
+            print(f"# budget reached: skipping {name} T={tk}K")
+            continue
+        t = tk * K
+        row = dict(setting=name, batch=batch, heads=h, T=t, block=b, topk=kk)
+        try:
+            row["moba"] = bench_moba(name_fn, batch, t, h, h, 128, b, kk)
+        except torch.cuda.OutOfMemoryError as err:
+            row["moba"] = dict(error=str(err)[:200])
+        torch.cuda.empty_cache()
+        if tk <= args.dense_max:
+            for label, be in (("flash", SDPBackend.FLASH_ATTENTION),
+                              ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    row[label] = bench_dense(be, batch, t, h, 128)
+                except RuntimeError as err:
+                    row[label] = dict(error=str(err)[:200])
+                torch.cuda.empty_cache()
+        cu = torch.tensor([0, t])
+        row["sparsity"] = 1 - n_attended_keys(cu, cu, b, kk) / dense_causal_keys(cu, cu)
+        res["rows"].append(row)
+        print("#", json.dumps(row))
+        with open(os.path.join(args.out, "gpu_backward.json"), "w") as fh:
+            json.dump(res, fh, indent=1)
+
+    print(f"\nMoBA = {res['moba_impl']}; bf16, D=128; ms (fwd / fwd+bwd); x = dense fwd+bwd / "
+          "MoBA fwd+bwd")
+    print(f"{'setting':<10}{'T':>6} {'MoBA':>17} {'TF/s':>6} {'FLASH':>17} {'cuDNN':>17} "
+          f"{'xFLASH':>7} {'xcuDNN':>7} {'peak GB moba/cudnn':>19}")
+    for r in res["rows"]:
+        m = r["moba"]
+        fl, cd = r.get("flash", {}), r.get("cudnn", {})
+
+        def cell(x):
+            return f"{x['fwd_ms']:.1f} / {x['fwdbwd_ms']:.1f}" if "fwdbwd_ms" in x else "-"
+
+        def ratio(x):
+            if "fwdbwd_ms" not in x or "fwdbwd_ms" not in m:
+                return "-"
+            return f"{x['fwdbwd_ms'] / m['fwdbwd_ms']:.1f}"
+
+        nan = float("nan")
+        peak = f"{m.get('peak_extra_gb', nan):.1f}/{cd.get('peak_extra_gb', nan):.1f}"
+        print(f"{r['setting']:<10}{r['T'] // K:>5}K {cell(m):>17} "
+              f"{m.get('tflops_fwdbwd', 0):>6.0f} {cell(fl):>17} {cell(cd):>17} "
+              f"{ratio(fl):>7} {ratio(cd):>7} {peak:>19}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""MoBA forward (Triton) on one GPU vs dense SDPA (FLASH_ATTENTION and CUDNN_ATTENTION).
+
+Checks correctness first (sampled rows against an fp64 gather reference on the same
+selection), then times, per setting and length: the whole op (``moba_attn_triton``, gating
+included), the gate alone and the attention alone (given the selection), and both dense
+baselines with ``enable_gqa`` (no K/V repetition). Settings (the issue's):
+  paper   : batch 1, 8 heads, D=128, block 4096, topk 12
+  flashmoba: batch 2, 16 heads, D=128, block 128, topk 8
+  gqa     : batch 1, 32 q / 8 kv heads, D=128, block 512, topk 3
+Random q/k/v (random routing). Useful FLOPs count selected keys only (4*D per row, head, key).
+T >= 256K: one warm-up and 3 CUDA-event timings; shorter: ``triton.testing.do_bench`` median.
+
+    PYTHONPATH=src python benchmarks/gpu_forward.py --out bench_out [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from moba_attn.ops import triton_attention as ta
+from moba_attn.ops import triton_gate as tg
+from moba_attn.ops.gate import BlockLayout, dense_causal_keys, n_attended_keys
+
+K = 1024
+SETTINGS = {
+    "paper": dict(batch=1, hq=8, hkv=8, d=128, block=4096, topk=12,
+                  lengths=[32 * K, 128 * K, 512 * K, 1024 * K]),
+    "flashmoba": dict(batch=2, hq=16, hkv=16, d=128, block=128, topk=8,
+                      lengths=[8 * K, 128 * K, 512 * K]),
+    "gqa": dict(batch=1, hq=32, hkv=8, d=128, block=512, topk=3, lengths=[8 * K, 32 * K, 128 * K]),
+}
+# Priority order (the issue's targets first), so a time budget cuts the least important runs.
+JOBS = [("paper", 1024 * K), ("flashmoba", 512 * K), ("paper", 128 * K), ("flashmoba", 128 * K),
+        ("gqa", 128 * K), ("paper", 32 * K), ("flashmoba", 8 * K), ("gqa", 8 * K), ("gqa", 32 * K),
+        ("paper", 512 * K)]
+QUICK = [("paper", 128 * K), ("flashmoba", 128 * K), ("gqa", 32 * K)]
+
+
+def machine() -> str:
+    p = torch.cuda.get_device_properties(0)
+    return (f"{p.name} ({p.multi_processor_count} SMs), torch {torch.__version__}, "
+            f"triton {triton.__version__}, python {platform.python_version()}")
+
+
+def time_ms(fn, long: bool, reps: int = 3) -> float:
+    if not long:
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return float(sorted(times)[len(times) // 2])
+
+
+def peak_gb(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 1e9
+
+
+def rows_reference(q, k, v, layout, sel, scale, rows):
+    """fp64 output of ``rows`` attending their own block (causal) and selected blocks."""
+    hq, hkv = q.shape[1], k.shape[1]
+    bsz = layout.block_size
+    hk = (torch.arange(hq, device=q.device) // (hq // hkv))[None, :, None]
+    j = torch.arange(bsz, device=q.device)
+    outs = []
+    for r in rows.split(4):
+        n = r.numel()
+        blocks = torch.cat([layout.row_own[r][:, None, None].expand(n, hq, 1), sel[r].long()], 2)
+        b = blocks.clamp(min=0)
+        valid = (blocks >= 0)[..., None] & (j < layout.blk_len[b][..., None])
+        valid[:, :, 0] &= j[None, None, :] <= (layout.row_pos[r] % bsz)[:, None, None]
+        tok = (layout.blk_start[b][..., None] + j).clamp(max=k.shape[0] - 1).reshape(n, hq, -1)
+        kk, vv = k[tok, hk].double(), v[tok, hk].double()
+        s = torch.einsum("nhd,nhkd->nhk", q[r].double(), kk) * scale
+        p = torch.softmax(s.masked_fill(~valid.reshape(n, hq, -1), float("-inf")), -1)
+        outs.append(torch.einsum("nhk,nhkd->nhd", p, vv))
+    return torch.cat(outs)
+
+
+def run_setting(name, cfg, lengths, dense_max, log):
+    rows_out = []
+    for t in lengths:
+        b, hq, hkv, d, bsz, topk = (cfg[x] for x in ("batch", "hq", "hkv", "d", "block", "topk"))
+        total = b * t
+        cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
+        q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
+        scale = d ** -0.5
+        long = t >= 256 * K
+        rec = dict(setting=name, T=t, batch=b, hq=hq, hkv=hkv, d=d, block=bsz, topk=topk)
+        dense = t <= topk * bsz
+
+        # correctness first (kernels, not the dense dispatch): sampled rows vs fp64
+        layout = BlockLayout.build(cu, cu, bsz)
+        with torch.no_grad():
+            out, lse, sel = ta.moba_forward_triton(q, k, v, layout, topk, scale)
+        rows = torch.cat([torch.arange(8), torch.randint(0, total, (24,)),
+                          torch.arange(total - 8, total)]).cuda()
+        ref = rows_reference(q, k, v, layout, sel, scale, rows)
+        rel = ((out[rows].double() - ref).norm() / ref.norm()).item()
+        rec["check_rel_err"] = rel
+        rec["check_ok"] = bool(rel < 2e-2 and not out.isnan().any())
+        del out, lse
+        if not rec["check_ok"]:
+            log(f"[{name} T={t}] CORRECTNESS FAILED rel={rel:.3e}; skipping timings")
+            rows_out.append(rec)
+            continue
+
+        def moba():
+            with torch.no_grad():
+                return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz, topk=topk,
+                                           softmax_scale=scale)
+
+        def gate():
+            return tg.gate_triton(q, k, layout, topk)
+
+        def attn():
+            return ta._moba_forward(q, k, v, layout, sel, topk, scale)
+
+        rec["moba_ms"] = time_ms(moba, long)
+        rec["path"] = ta.LAST_PATH
+        rec["gate_ms"] = time_ms(gate, long) if not dense else 0.0
+        rec["attn_ms"] = time_ms(attn, long)
+        rec["moba_peak_gb"] = peak_gb(moba)
+        useful = n_attended_keys(cu.cpu(), cu.cpu(), bsz, topk) * hq * 4 * d
+        rec["moba_tflops"] = useful / rec["moba_ms"] / 1e9
+        rec["dense_dispatch"] = dense
+        del sel
+
+        q4 = q.view(b, t, hq, d).transpose(1, 2)
+        k4 = k.view(b, t, hkv, d).transpose(1, 2)
+        v4 = v.view(b, t, hkv, d).transpose(1, 2)
+        dflops = dense_causal_keys(cu.cpu(), cu.cpu()) * hq * 4 * d
+        for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                               ("flash", SDPBackend.FLASH_ATTENTION)):
+            if t > dense_max:
+                continue
+
+            def sdpa(backend=backend):
+                with sdpa_kernel(backend), torch.no_grad():
+                    return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
+                                                          enable_gqa=hq != hkv)
+            try:
+                rec[f"{label}_ms"] = time_ms(sdpa, long)
+                if label == "cudnn":
+                    rec[f"{label}_peak_gb"] = peak_gb(sdpa)
+                rec[f"{label}_tflops"] = dflops / rec[f"{label}_ms"] / 1e9
+                rec[f"speedup_vs_{label}"] = rec[f"{label}_ms"] / rec["moba_ms"]
+            except RuntimeError as err:  # a backend refusing the shape
+                rec[f"{label}_error"] = str(err).splitlines()[0][:200]
+        rec["gate_share"] = rec["gate_ms"] / rec["moba_ms"]
+        log(json.dumps(rec))
+        rows_out.append(rec)
+        del q, k, v, q4, k4, v4, layout
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+def table(rows) -> str:
+    head = (f"{'setting':9} {'T':>6} {'moba':>9} {'gate':>7} {'attn':>8} {'cudnn':>9} "
+            f"{'flash':>9} {'x cuDNN':>7} {'x FA':>6} {'TF/s':>6} {'peakGB':>6} {'cuDNNGB':>7}")
+    lines = [head]
+    for r in rows:
+        f = lambda k, fmt: (format(r[k], fmt) if k in r else "-")
+        lines.append(
+            f"{r['setting']:9} {r['T'] // K:>5}K {f('moba_ms', '9.2f')} {f('gate_ms', '7.2f')} "
+            f"{f('attn_ms', '8.2f')} {f('cudnn_ms', '9.2f')} {f('flash_ms', '9.2f')} "
+            f"{f('speedup_vs_cudnn', '7.2f')} {f('speedup_vs_flash', '6.2f')} "
+            f"{f('moba_tflops', '6.0f')} {f('moba_peak_gb', '6.1f')} {f('cudnn_peak_gb', '7.1f')}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--settings", default="paper,flashmoba,gqa")
+    ap.add_argument("--quick", action="store_true", help="one length per setting")
+    ap.add_argument("--dense-max", type=int, default=1024 * K, help="longest T timed densely")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new lengths after")
+    args = ap.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    logf = open(os.path.join(args.out, "gpu_forward.log"), "a")
+
+    def log(msg):
+        print(msg, flush=True)
+        logf.write(msg + "\n")
+        logf.flush()
+
+    log(f"machine: {machine()}; gate precision {tg.get_gate_precision()}")
+    results = []
+    wanted = args.settings.split(",")
+    for name, t in (QUICK if args.quick else JOBS):
+        if name not in wanted:
+            continue
+        if time.time() - t0 > args.budget_s:
+            log(f"[{name} T={t}] skipped: time budget spent")
+            continue
+        results += run_setting(name, SETTINGS[name], [t], args.dense_max, log)
+        with open(os.path.join(args.out, "gpu_forward.json"), "w") as fh:
+            json.dump({"machine": machine(), "results": results}, fh, indent=1)
+    results.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), r["T"]))
+    keys = sorted({k for r in results for k in r})
+    with open(os.path.join(args.out, "gpu_forward.csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(results)
+    log(f"total {time.time() - t0:.0f} s; ms; x = dense ms / moba ms (same run)")
+    log(table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""MoBA forward in Triton: kernels -> launchers -> autograd Function -> ``moba_attn_triton``.
+
+Schedule (exact per-token routing; see ``naive.py`` for the rule):
+  1. gate (``triton_gate``): fp32 centroids, fused scores + top-(k-1) -> ``sel [T, Hq, k-1]``;
+  2. for one kv head and one chunk of query rows at a time, the (row, q head, slot) entries
+     are sorted by selected block (``torch.sort``, on device, no host sync) and cut into dense
+     tiles of up to BM entries that all use ONE key block: ``_sel_block_kernel`` gathers their
+     query rows and runs a flash-attention loop over that block, writing a normalised partial
+     output and its LSE per entry (the key-block-major "gather" schedule);
+  3. ``_diag_merge_kernel`` runs the causal own-block attention of every query tile (a plain
+     block-diagonal causal attention) and merges the k-1 partials of each row into it by LSE,
+     writing the final output and LSE.
+Partials live in a buffer of ``[rows, Hq/Hkv, k-1, D]`` fp32 for one (kv head, row chunk) at a
+time, bounded by ``_part_budget_elems`` (never ``[T, H, k, D]`` at long T).
+When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
+the op calls cuDNN attention instead. Unsupported configs fall back to the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from . import triton_gate
+from .gate import BlockLayout
+
+LOG2E = 1.4426950408889634
+PART_CHUNK_ELEMS: int | None = None  # override of the partial-buffer budget (fp32 elements)
+LAST_PATH = ""  # which path the last forward took: "cudnn-dense", "kernels" or "torch"
+POISON = False  # debugging/tests: fill outputs and partial buffers with NaN before the kernels
+_warned: set[str] = set()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BLK_BOUNDS, BLK_TILE0, BLK_START,
+                      n_blocks, r0, h0, K1, block_size, scale2,
+                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      IEEE: tl.constexpr):
+    """One tile: up to BM (row, q head, slot) entries that selected the same key block."""
+    t = tl.program_id(0).to(tl.int64)
+    b = tl.load(TILE_BLK + t)  # int64 block of this tile; n_blocks for an idle program
+    if b < n_blocks:
+        hk = h0 // GROUP
+        e_lo = tl.load(BLK_BOUNDS + b)
+        e_hi = tl.load(BLK_BOUNDS + b + 1)
+        e0 = e_lo + (t - tl.load(BLK_TILE0 + b)) * BM
+        m = tl.arange(0, BM)
+        emask = e0 + m < e_hi
+        ent = tl.load(ENT + e0 + m, mask=emask, other=0)  # [BM] int64 entry ids
+        row = r0 + ent // (GROUP * K1)
+        h = h0 + (ent // K1) % GROUP
+        d = tl.arange(0, D)
+        q = tl.load(Q + row[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
+                    mask=emask[:, None], other=0.0)  # [BM, D]
+        kstart = tl.load(BLK_START + b)
+        n = tl.arange(0, BN)
+        m_i = tl.full([BM], -1.0e30, tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, D], dtype=tl.float32)
+        for n0 in range(0, block_size, BN):  # selected blocks are always full
+            kidx = kstart + n0 + n  # [BN] int64
+            kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :])  # [BN, D]
+            if IEEE:
+                s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale2
+            else:
+                s = tl.dot(q, tl.trans(kt)) * scale2  # [BM, BN], log2 domain
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])  # [BN, D]
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
+        tl.store(PO + ent[:, None] * D + d[None, :], o, mask=emask[:, None])
+        tl.store(PL + ent, lse, mask=emask)
+
+
+@triton.jit
+def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE,
+                       tile0, r0, h0, K1, total_q, scale2,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_ot, stride_oh, stride_st, stride_sh,
+                       GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """Causal own-block attention of a query tile for one q head, then the LSE merge of the
+    row's k-1 selected-block partials; writes the final output and LSE."""
+    t = tile0 + tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1).to(tl.int64)
+    h = h0 + g
+    hk = h // GROUP
+    rs = tl.load(TILE_RS + t)
+    re = tl.load(TILE_RE + t)
+    rows = rs + tl.arange(0, BM)  # [BM] int64
+    rmask = rows < re
+    ks = tl.load(ROW_KS + rows, mask=rmask, other=9223372036854775807)  # own block's first key
+    ke = tl.load(ROW_KE + rows, mask=rmask, other=0)  # one past the row's own key
+    lo = tl.min(ks, axis=0)
+    hi = tl.max(ke, axis=0)
+    d = tl.arange(0, D)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=rmask[:, None], other=0.0)  # [BM, D]
+    n = tl.arange(0, BN)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    for n0 in range(lo, hi, BN):
+        kidx = n0 + n  # [BN] int64
+        kmask = kidx < hi
+        kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                     mask=kmask[:, None], other=0.0)  # [BN, D]
+        if IEEE:
+            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale2
+        else:
+            s = tl.dot(q, tl.trans(kt)) * scale2  # [BM, BN]
+        ok = (kidx[None, :] >= ks[:, None]) & (kidx[None, :] < ke[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: m_i starts at -1e30
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    # Merge the selected-block partials: each is a normalised output o_j with LSE_j.
+    for j in range(0, K1):
+        blk = tl.load(SEL + rows * stride_st + h * stride_sh + j, mask=rmask, other=-1)
+        used = blk >= 0
+        ent = ((rows - r0) * GROUP + g) * K1 + j
+        pl = tl.load(PL + ent, mask=used, other=0.0) * 1.4426950408889634  # log2 domain
+        pl = tl.where(used, pl, -1.0e30)
+        po = tl.load(PO + ent[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+        m_new = tl.maximum(m_i, pl)
+        alpha = tl.math.exp2(m_i - m_new)
+        beta = tl.where(used, tl.math.exp2(pl - m_new), 0.0)
+        acc = acc * alpha[:, None] + beta[:, None] * po
+        l_i = l_i * alpha + beta
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + h * total_q + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=rmask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def unsupported_reason(q: torch.Tensor, block_size: int, topk: int) -> str | None:
+    """Why the Triton path cannot run this call (``None`` when it can)."""
+    if q.device.type != "cuda" and not _interpreting():
+        return f"tensors are on {q.device.type}; the Triton kernels need CUDA (or TRITON_INTERPRET=1)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (the kernels take float16, bfloat16, float32)"
+    if block_size % 16:
+        return f"block_size={block_size} is not a multiple of 16"
+    return triton_gate.gate_supported(q.shape[-1], topk)
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"moba_attn: Triton path unavailable ({reason}); using the torch path",
+                      stacklevel=3)
+
+
+def _pow2_divisor(x: int) -> int:
+    return x & -x
+
+
+def _diag_tiles(layout: BlockLayout, bm: int, split_blocks: bool):
+    """Query tiles of <= bm rows that never cross a sequence (nor, if ``split_blocks``, an
+    own-block) boundary: host arrays ``(start, end)``."""
+    key = layout.row_own_np if split_blocks else layout.row_first_np
+    total = key.shape[0]
+    brk = np.flatnonzero(key[1:] != key[:-1]) + 1
+    seg_s = np.concatenate([[0], brk]).astype(np.int64)
+    seg_e = np.concatenate([brk, [total]]).astype(np.int64)
+    n = (seg_e - seg_s + bm - 1) // bm
+    first = np.cumsum(n) - n
+    idx = np.arange(int(n.sum()), dtype=np.int64)
+    seg = np.repeat(np.arange(seg_s.shape[0]), n)
+    start = seg_s[seg] + (idx - first[seg]) * bm
+    end = np.minimum(start + bm, seg_e[seg])
+    return start, end
+
+
+def _part_budget_elems(q, k, v) -> int:
+    if PART_CHUNK_ELEMS is not None:
+        return int(PART_CHUNK_ELEMS)
+    nbytes = q.numel() * q.element_size() + 2 * k.numel() * k.element_size()
+    return int(min(max(nbytes // 4, 1 << 28), 1 << 32)) // 4  # fp32 elements, 256 MB..4 GB
+
+
+def _configs(d: int, block_size: int, dense_entries: float):
+    """Tile shapes ``(sel BM, sel BN, sel warps, diag BM, diag BN, diag warps, stages)``."""
+    bn_cap = _pow2_divisor(block_size)
+    if _interpreting():
+        return 32, min(32, bn_cap), 4, 32, 32, 4, 1
+    bn = 128 if d <= 64 else (64 if d <= 128 else 32)
+    sel_bm = 128 if (dense_entries >= 128 and d <= 128) else 64
+    sel_bn = min(bn, bn_cap)
+    diag_bm = 128 if (block_size >= 128 and d <= 128) else 64
+    return (sel_bm, sel_bn, 8 if sel_bm == 128 else 4, diag_bm, min(bn, 64),
+            8 if diag_bm == 128 else 4, 2 if d > 128 else 3)
+
+
+def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
+    """Attention given the selection: ``(out [T, Hq, D] q.dtype, lse [Hq, T] fp32)``."""
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    k1 = max(topk - 1, 0)
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, total_q, dtype=torch.float32, device=q.device)
+    if POISON:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    if total_q == 0:
+        return out, lse
+    ieee = q.dtype == torch.float32
+    scale2 = scale * LOG2E
+    bsz = layout.block_size
+    n_blocks = layout.n_blocks
+    est = total_q * group * k1 / max(n_blocks, 1)
+    sel_bm, sel_bn, sel_w, diag_bm, diag_bn, diag_w, stages = _configs(d, bsz, est)
+    ts_np, te_np = _diag_tiles(layout, diag_bm, split_blocks=bsz >= diag_bm)
+    tile_rs = torch.from_numpy(ts_np).to(q.device)
+    tile_re = torch.from_numpy(te_np).to(q.device)
+    row_ks = layout.blk_start[layout.row_own]
+    row_ke = row_ks + layout.row_pos % bsz + 1
+    common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+
+    if k1 == 0:  # block-local attention: no selected blocks, one launch for all heads
+        _diag_merge_kernel[(ts_np.shape[0], hq)](
+            q, k, v, out, lse, lse, lse, sel, tile_rs, tile_re, row_ks, row_ke,
+            0, 0, 0, 0, total_q, scale2, *common, out.stride(0), out.stride(1), 0, 0,
+            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, IEEE=ieee,
+            num_warps=diag_w, num_stages=stages,
+        )
+        return out, lse
+
+    rows_cap = max(1, _part_budget_elems(q, k, v) // (group * k1 * d))
+    chunk_id = ts_np // rows_cap
+    cut = np.flatnonzero(chunk_id[1:] != chunk_id[:-1]) + 1
+    t_lo = np.concatenate([[0], cut]).astype(np.int64)
+    t_hi = np.concatenate([cut, [ts_np.shape[0]]]).astype(np.int64)
+    max_rows = int((te_np[t_hi - 1] - ts_np[t_lo]).max())
+    n_ent_cap = max_rows * group * k1
+    part_o = torch.empty(n_ent_cap, d, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
+    if POISON:
+        part_o.fill_(float("nan"))
+        part_l.fill_(float("nan"))
+    blk_ids = torch.arange(n_blocks + 1, dtype=torch.int32, device=q.device)
+    for hk in range(hkv):
+        h0 = hk * group
+        for c in range(t_lo.shape[0]):
+            r0, r1 = int(ts_np[t_lo[c]]), int(te_np[t_hi[c] - 1])
+            n_ent = (r1 - r0) * group * k1
+            flat = sel[r0:r1, h0:h0 + group].reshape(-1)  # entry e = ((row-r0)*G + g)*K1 + j
+            keyv = torch.where(flat >= 0, flat, n_blocks).to(torch.int32)
+            sorted_b, ent = torch.sort(keyv, stable=True)
+            bounds = torch.searchsorted(sorted_b, blk_ids)  # [n_blocks+1] entry range per block
+            ntile = (bounds[1:] - bounds[:-1] + sel_bm - 1) // sel_bm
+            tile_end = torch.cumsum(ntile, 0)
+            tile0 = tile_end - ntile
+            n_ub = triton.cdiv(n_ent, sel_bm) + min(n_blocks, n_ent)  # >= tiles needed
+            tile_blk = torch.searchsorted(
+                tile_end, torch.arange(n_ub, dtype=tile_end.dtype, device=q.device), right=True)
+            _sel_block_kernel[(n_ub,)](
+                q, k, v, part_o, part_l, ent, tile_blk, bounds, tile0, layout.blk_start,
+                n_blocks, r0, h0, k1, bsz, scale2, *common,
+                GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee,
+                num_warps=sel_w, num_stages=stages,
+            )
+            _diag_merge_kernel[(int(t_hi[c] - t_lo[c]), group)](
+                q, k, v, out, lse, part_o, part_l, sel, tile_rs, tile_re, row_ks, row_ke,
+                int(t_lo[c]), r0, h0, k1, total_q, scale2, *common,
+                out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
+                GROUP=group, D=d, BM=diag_bm, BN=diag_bn, IEEE=ieee,
+                num_warps=diag_w, num_stages=stages,
+            )
+    return out, lse
+
+
+def _dense_lengths(cu_q, cu_k):
+    lq = (cu_q[1:] - cu_q[:-1]).tolist()
+    lk = (cu_k[1:] - cu_k[:-1]).tolist()
+    return lq, lk
+
+
+def _dense_cudnn(q, k, v, n_seqs: int, scale: float):
+    """Dense causal attention of ``n_seqs`` equal sequences through cuDNN, with its LSE."""
+    total, hq, d = q.shape
+    hkv = k.shape[1]
+    t = total // n_seqs
+    q4 = q.view(n_seqs, t, hq, d).transpose(1, 2)
+    k4 = k.view(n_seqs, t, hkv, d).transpose(1, 2)
+    v4 = v.view(n_seqs, t, hkv, d).transpose(1, 2)
+    if hkv != hq:
+        k4 = k4.repeat_interleave(hq // hkv, dim=1)
+        v4 = v4.repeat_interleave(hq // hkv, dim=1)
+    res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q4, k4, v4, None, True, 0.0, True, False, scale=scale)
+    out = res[0].transpose(1, 2).reshape(total, hq, d)
+    lse = res[1].reshape(n_seqs, hq, t).transpose(0, 1).reshape(hq, total).float()
+    return out.contiguous(), lse.contiguous()
+
+
+def _try_dense(q, k, v, cu_q, cu_k, block_size, topk, scale):
+    """cuDNN dense attention when MoBA is exactly dense causal, else ``None``."""
+    if q.device.type != "cuda" or q.dtype == torch.float32 or q.shape[0] == 0:
+        return None
+    lq, lk = _dense_lengths(cu_q, cu_k)
+    if max(lk) > topk * block_size or lq != lk or len(set(lq)) != 1:
+        return None
+    try:
+        return _dense_cudnn(q, k, v, len(lq), scale)
+    except Exception as err:  # cuDNN missing or refusing the shape: use the kernels
+        _warn_once(f"cuDNN dense attention failed ({str(err).splitlines()[0][:120]})")
+        return None
+
+
+def dense_selection(layout: BlockLayout, hq: int, topk: int) -> torch.Tensor:
+    """Selection of a call where every row takes all its earlier blocks (MoBA == dense)."""
+    k1 = max(topk - 1, 0)
+    j = torch.arange(k1, device=layout.row_own.device)
+    n_earlier = (layout.row_own - layout.row_first)[:, None]
+    s = torch.where(j[None, :] < n_earlier, layout.row_first[:, None] + j[None, :], -1)
+    return s[:, None, :].expand(-1, hq, -1).contiguous()
+
+
+def moba_forward_triton(q, k, v, layout: BlockLayout, topk: int, scale: float,
+                        sel: torch.Tensor | None = None):
+    """Gate (unless ``sel`` is given) and attend: ``(out, lse [Hq, T] fp32, sel)``."""
+    if sel is None:
+        sel = triton_gate.gate_triton(q, k, layout, topk)
+    out, lse = _moba_forward(q, k, v, layout, sel, topk, scale)
+    return out, lse, sel
+
+
+def _backward_impl():
+    try:
+        from .triton_backward import moba_backward_triton
+
+        return moba_backward_triton
+    except Exception:  # module absent or its kernels cannot load: exact torch backward
+        from .torch_impl import _backward
+
+        return _backward
+
+
+# ----------------------------------------------------------------------------- autograd
+class MobaTritonFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, block_size, topk, scale, deterministic):
+        layout = BlockLayout.build(cu_q, cu_k, block_size)
+        with torch.no_grad():
+            dense = _try_dense(q, k, v, cu_q, cu_k, block_size, topk, scale)
+            global LAST_PATH
+            if dense is not None:
+                out, lse = dense
+                sel = None
+                LAST_PATH = "cudnn-dense"
+            else:
+                out, lse, sel = moba_forward_triton(q, k, v, layout, topk, scale)
+                LAST_PATH = "kernels"
+        ctx.dense = sel is None
+        ctx.save_for_backward(q, k, v, out, lse, sel if sel is not None else lse.new_empty(0))
+        ctx.layout, ctx.topk, ctx.scale, ctx.deterministic = layout, topk, scale, deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, sel = ctx.saved_tensors
+        if ctx.dense:
+            sel = dense_selection(ctx.layout, q.shape[1], ctx.topk)
+        with torch.no_grad():
+            dq, dk, dv = _backward_impl()(q, k, v, out, lse, dout.contiguous(), ctx.layout, sel,
+                                          ctx.topk, ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def moba_attn_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                     *, block_size: int, topk: int, softmax_scale: float,
+                     deterministic: bool = False):
+    """Packed-batch MoBA with the Triton kernels (validated inputs, see ``moba_attn_varlen_func``).
+
+    q: ``[total_q, Hq, D]``, k, v: ``[total_k, Hkv, D]``; returns
+    ``(out [total_q, Hq, D] in q.dtype, lse [Hq, total_q] fp32)``. Differentiable (the backward
+    is ``triton_backward.moba_backward_triton`` when present, else the exact torch backward).
+    Configs the kernels do not cover (block_size not a multiple of 16, head dim not a power of
+    two in [16, 256], topk > 257, float64, non-CUDA tensors) run the torch path after a
+    one-time warning.
+    """
+    global LAST_PATH
+    reason = unsupported_reason(q, block_size, topk)
+    if reason is not None:
+        _warn_once(reason)
+        LAST_PATH = "torch"
+        from .torch_impl import moba_attn_torch
+
+        return moba_attn_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                               block_size=block_size, topk=topk, softmax_scale=softmax_scale,
+                               deterministic=deterministic)
+    return MobaTritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q,
+                                    cu_seqlens_k, block_size, topk, float(softmax_scale),
+                                    deterministic)
+
+
+__all__ = ["moba_attn_triton", "moba_forward_triton", "dense_selection", "unsupported_reason",
+           "MobaTritonFunction"]

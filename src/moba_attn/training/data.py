@@ -1,0 +1,237 @@
+"""Training data: an embedded corpus (the Python standard library's sources, read as bytes),
+user text files, packing into long sequences, a held-out split and the synthetic retrieval task.
+
+Everything here is deterministic: the same files, seed and step always give the same batch,
+so variants trained side by side see identical data and resumed runs continue exactly.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HELDOUT_FRAC = 0.03  # share of documents (by a hash of their path) kept for evaluation
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".cpp", ".rs", ".go",
+                 ".js", ".ts", ".java", ".tex", ".html", ".csv", ".yaml", ".yml", ".toml")
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+# ----------------------------------------------------------------------------- retrieval task
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Key-value records hidden in the text, queried at the end of the sequence.
+
+    A record is ``"\\n<kv 4821=93017>\\n"`` placed at some depth of the sequence; a query is
+    ``"\\n<kv 4821="`` in the last tokens and the answer is the value's digits. Only a model
+    that finds the record (possibly many blocks back) can predict them: random guessing
+    succeeds with probability 10**-value_digits. In training every record is queried, in
+    shuffled order; in evaluation one record (the needle) is queried, the others distract.
+    """
+
+    n_pairs: int = 4
+    key_digits: int = 4
+    value_digits: int = 5
+    max_depth: float = 0.9  # training records start within the first 90% of the body
+
+    @staticmethod
+    def record(key: str, value: str) -> str:
+        return f"\n<kv {key}={value}>\n"
+
+    @staticmethod
+    def query(key: str) -> str:
+        return f"\n<kv {key}="
+
+    def draw_pairs(self, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
+        keys = rng.choice(10 ** self.key_digits, size=n, replace=False)
+        vals = rng.integers(0, 10 ** self.value_digits, size=n)
+        return [(f"{k:0{self.key_digits}d}", f"{v:0{self.value_digits}d}") for k, v in zip(keys, vals)]
+
+
+TASK = RetrievalTask()
+
+
+# ----------------------------------------------------------------------------- corpus
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The ``.py`` files of the running Python's standard library (site-packages excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts)]
+    return root, sorted(files)
+
+
+def user_files(paths: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """``(file, name used for the split)`` for files and directories (text suffixes only)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES and not _SKIP_DIRS.intersection(f.parts):
+                    out.append((f, str(f.relative_to(p))))
+        elif p.is_file():
+            out.append((p, p.name))
+        else:
+            raise FileNotFoundError(f"--data {p}: no such file or directory")
+    if not out:
+        raise ValueError(f"--data {list(paths)}: no text files found (suffixes {TEXT_SUFFIXES})")
+    return out
+
+
+def is_heldout(name: str, frac: float = HELDOUT_FRAC) -> bool:
+    return zlib.crc32(name.encode()) % 10_000 < int(frac * 10_000)
+
+
+class Corpus:
+    """Token streams (``train``, ``heldout``) of packed documents, separated by ``sep_id``.
+
+    Byte mode (no tokenizer): a document's UTF-8 bytes are its tokens (vocabulary 256, byte 0
+    separates documents; source text never contains it). With a tokenizer directory, documents
+    are encoded with ``AutoTokenizer.from_pretrained(dir)`` (local files only) and separated
+    by its EOS token.
+    """
+
+    def __init__(self, data: tuple[str, ...] = (), tokenizer: str | None = None,
+                 heldout_frac: float = HELDOUT_FRAC):
+        self.tokenizer = None
+        if tokenizer:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError as e:  # pragma: no cover - transformers is needed for training anyway
+                raise ImportError("--tokenizer needs transformers: pip install 'moba-attn[hf]'") from e
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+            self.vocab_size = len(self.tokenizer)
+            sep = self.tokenizer.eos_token_id
+            self.sep_id = int(sep if sep is not None else 0)
+        else:
+            self.vocab_size, self.sep_id = 256, 0
+        if data:
+            docs = user_files(data)
+            self.source = "files: " + ", ".join(data)
+        else:
+            root, files = stdlib_files()
+            docs = [(f, str(f.relative_to(root))) for f in files]
+            self.source = f"python stdlib sources ({root})"
+        train, held = [], []
+        for f, name in docs:
+            ids = self._encode_doc(f.read_bytes())
+            if len(ids):
+                (held if is_heldout(name, heldout_frac) else train).append(ids)
+        self.n_docs = (len(train), len(held))
+        dtype = np.uint8 if self.tokenizer is None else np.int32
+        sep = np.array([self.sep_id], dtype=dtype)
+
+        def pack(parts):
+            return np.concatenate([x for d in parts for x in (d.astype(dtype), sep)]) if parts else np.zeros(0, dtype)
+
+        self.train, self.heldout = pack(train), pack(held)
+        # Too few documents for a split by file: hold out the tail of the stream instead.
+        if len(self.heldout) < 0.5 * heldout_frac * (len(self.train) + len(self.heldout)) or not len(self.train):
+            whole = np.concatenate([self.train, self.heldout])
+            cut = int(len(whole) * (1 - max(heldout_frac, 0.05)))
+            self.train, self.heldout = whole[:cut], whole[cut:]
+
+    # ---- text <-> tokens
+    def _encode_doc(self, raw: bytes) -> np.ndarray:
+        if self.tokenizer is None:
+            return np.frombuffer(raw, dtype=np.uint8)
+        text = raw.decode("utf-8", errors="replace")
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int32)
+
+    def encode(self, text: str) -> np.ndarray:
+        if self.tokenizer is None:
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
+        return np.asarray(self.tokenizer.encode(text, add_special_tokens=False), dtype=np.int64)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.tokenizer is None:
+            return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+        return self.tokenizer.decode(ids)
+
+    def describe(self) -> str:
+        unit = "bytes" if self.tokenizer is None else "tokens"
+        return (f"{self.source}: {len(self.train):,} train / {len(self.heldout):,} held-out {unit} "
+                f"({self.n_docs[0]} / {self.n_docs[1]} documents), vocab {self.vocab_size}")
+
+    # ---- windows and batches
+    def _window(self, stream: np.ndarray, start: int, length: int) -> np.ndarray:
+        if len(stream) <= length:
+            reps = length // max(len(stream), 1) + 2
+            stream = np.tile(stream, reps)
+        return stream[start:start + length].astype(np.int64)
+
+    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int,
+                    retrieval_frac: float) -> torch.Tensor:
+        """``[batch_size, seq_len]`` int64 training tokens for ``step``; a function of
+        (seed, step) only. Each row carries the retrieval task with probability ``retrieval_frac``."""
+        rng = np.random.default_rng([seed, step, 0x6D6F6261])
+        hi = max(len(self.train) - seq_len, 1)
+        rows = []
+        for _ in range(batch_size):
+            x = self._window(self.train, int(rng.integers(0, hi)), seq_len)
+            if rng.random() < retrieval_frac:
+                x = self.insert_retrieval(x, rng)[0]
+            rows.append(x)
+        return torch.from_numpy(np.stack(rows))
+
+    def heldout_windows(self, n: int, seq_len: int, seed: int = 1234) -> torch.Tensor:
+        """``[n, seq_len]`` held-out windows at fixed, evenly spread offsets (plain text only)."""
+        hi = max(len(self.heldout) - seq_len, 1)
+        starts = np.linspace(0, hi - 1, n).astype(np.int64) if n > 1 else np.array([0])
+        return torch.from_numpy(np.stack([self._window(self.heldout, int(s), seq_len) for s in starts]))
+
+    # ---- retrieval
+    def insert_retrieval(self, x: np.ndarray, rng: np.random.Generator, *, depths=None,
+                         needle: int | None = None, task: RetrievalTask = TASK):
+        """Hide ``task.n_pairs`` records in ``x`` and query them at the end; same length as ``x``.
+
+        ``depths`` (fractions of the body, one per record) default to uniform in
+        ``[0, task.max_depth]``. With ``needle=i`` only record ``i`` is queried (evaluation);
+        otherwise all are, in shuffled order. Returns ``(tokens, answers, starts)`` where ``answers``
+        lists ``(start, end)`` token ranges of the queried values, plus ``starts``, the first
+        token of every record.
+        """
+        seq_len = len(x)
+        pairs = task.draw_pairs(rng, task.n_pairs)
+        if depths is None:
+            depths = rng.uniform(0.0, task.max_depth, size=len(pairs))
+        order = [needle] if needle is not None else list(rng.permutation(len(pairs)))
+        tail, answers = [], []
+        for i in order:
+            key, val = pairs[i]
+            q, a = self.encode(task.query(key)), self.encode(val)
+            tail.append(q)
+            answers.append((sum(map(len, tail)), sum(map(len, tail)) + len(a)))
+            tail.append(a)
+            tail.append(self.encode(">"))
+        tail.append(self.encode("\n"))
+        tail = np.concatenate(tail)
+        recs = [self.encode(task.record(k, v)) for k, v in pairs]
+        body_len = seq_len - len(tail)
+        filler_len = body_len - sum(map(len, recs))
+        if filler_len < 0:
+            raise ValueError(f"seq_len {seq_len} is too short for the retrieval task")
+        # Record i goes after filler token depth * filler_len, keeping the depth's proportion.
+        at = sorted((int(d * filler_len), i) for i, d in enumerate(depths))
+        parts, pos, starts = [], 0, [0] * len(recs)
+        for cut, i in at:
+            cut = min(max(cut, pos), filler_len)
+            parts.append(x[pos:cut])
+            starts[i] = sum(map(len, parts))
+            parts.append(recs[i])
+            pos = cut
+        parts.append(x[pos:filler_len])
+        body = np.concatenate(parts)
+        out = np.concatenate([body, tail]).astype(np.int64)
+        assert len(out) == seq_len
+        return out, [(body_len + s, body_len + e) for s, e in answers], starts
+
+
+@lru_cache(maxsize=4)
+def load_corpus(data: tuple[str, ...] = (), tokenizer: str | None = None) -> Corpus:
+    """Cached :class:`Corpus` (building it reads every file once)."""
+    return Corpus(tuple(data), tokenizer)

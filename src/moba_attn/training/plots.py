@@ -1,0 +1,120 @@
+"""Matplotlib figures (headless Agg backend) for training curves, evaluation and routing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def ema(values, alpha: float = 0.05) -> np.ndarray:
+    out, acc = [], None
+    for v in values:
+        acc = v if acc is None else (1 - alpha) * acc + alpha * v
+        out.append(acc)
+    return np.asarray(out)
+
+
+def _floats(rows, key):
+    xs, ys = [], []
+    for r in rows:
+        v = r.get(key)
+        if v not in (None, ""):
+            xs.append(float(r["tokens_seen"]))
+            ys.append(float(v))
+    return np.asarray(xs), np.asarray(ys)
+
+
+def plot_loss_curves(runs: dict[str, list[dict]], path: Path, *, switch_tokens: dict[str, float] | None = None,
+                     title: str = "") -> Path:
+    """Train loss (EMA-smoothed) and held-out loss against tokens seen, one colour per run."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (label, rows) in enumerate(runs.items()):
+        color = f"C{i % 10}"
+        x, y = _floats(rows, "loss")
+        if len(x):
+            ax1.plot(x, y, color=color, alpha=0.15, lw=0.8)
+            ax1.plot(x, ema(y), color=color, lw=1.6, label=label)
+        x, y = _floats(rows, "val_loss")
+        if len(x):
+            ax2.plot(x, y, "o-", color=color, ms=3, lw=1.4, label=label)
+        if switch_tokens and label in switch_tokens:
+            for ax in (ax1, ax2):
+                ax.axvline(switch_tokens[label], color=color, ls=":", lw=1)
+    ax1.set_title("train loss (EMA; faint: raw)")
+    ax2.set_title("held-out loss")
+    for ax in (ax1, ax2):
+        ax.set_xlabel("tokens seen")
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _zoom(ax1, [ema(_floats(r, "loss")[1]) for r in runs.values()])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _zoom(ax, curves):
+    """Keep the y range on the later part of the curves (the start is far above)."""
+    tails = [c[len(c) // 10:] for c in curves if len(c) > 10]
+    if tails:
+        lo = min(t.min() for t in tails)
+        hi = max(t.max() for t in tails)
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-6), hi + 0.05 * (hi - lo + 1e-6))
+
+
+def plot_position_loss(results: dict[str, dict], path: Path) -> Path:
+    """Held-out loss per position bucket, one line per checkpoint."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, r in results.items():
+        b = r["buckets"]
+        mids = [(x["start"] + x["end"]) / 2 for x in b]
+        ax.plot(mids, [x["loss"] for x in b], "o-", ms=3, label=label)
+    ax.set_xlabel("position in the context (token)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("held-out loss by position (later = more context)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_retrieval_heatmaps(results: dict[str, dict], path: Path) -> Path:
+    """One accuracy heatmap (context length x needle depth) per checkpoint."""
+    plt = _plt()
+    n = len(results)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 0.8, 3.8), squeeze=False)
+    im = None
+    for ax, (label, r) in zip(axes[0], results.items()):
+        acc = np.asarray(r["retrieval"]["accuracy"], dtype=float)
+        lengths, depths = r["retrieval"]["lengths"], r["retrieval"]["depths"]
+        im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
+        for i in range(acc.shape[0]):
+            for j in range(acc.shape[1]):
+                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center",
+                        color="white" if acc[i, j] < 0.6 else "black", fontsize=8)
+        ax.set_xlabel("needle depth (fraction of context)")
+        ax.set_ylabel("context length")
+        ax.set_title(label, fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="exact-match accuracy")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
