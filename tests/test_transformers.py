@@ -13,11 +13,14 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-import moba_attn.integrations.transformers as hf  # noqa: E402
-from moba_attn.integrations.transformers import (  # noqa: E402
-    disable_moba, enable_moba, get_decode_state, register_moba,
+import moba_attn.integrations.transformers as hf
+from moba_attn.integrations.transformers import (
+    disable_moba,
+    enable_moba,
+    get_decode_state,
+    register_moba,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -28,10 +31,11 @@ ARCHS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}
 
 
 def make_config(arch="llama", hkv=2, layers=2):
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-              num_attention_heads=4, num_key_value_heads=hkv, max_position_embeddings=256,
-              attention_dropout=0.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-              tie_word_embeddings=False, initializer_range=0.1)
+    kw = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+          "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": hkv,
+          "max_position_embeddings": 256, "attention_dropout": 0.0, "pad_token_id": 0,
+          "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+          "initializer_range": 0.1}
     if arch == "qwen3":
         kw["head_dim"] = 16
     return ARCHS[arch](**kw)
@@ -183,7 +187,8 @@ def test_save_and_load_keep_settings(tmp_path, decode):
         assert not close(inc, want, 1e-4) and get_decode_state(cache, 0) is None
     # settings are per model: another model in the same process is untouched
     other = make_model("qwen3")
-    assert other.config._attn_implementation == "sdpa" and getattr(other.config, "moba", None) is None
+    assert other.config._attn_implementation == "sdpa"
+    assert getattr(other.config, "moba", None) is None
 
 
 # ----------------------------------------------------------------------------- caches
@@ -234,8 +239,8 @@ def test_sparse_decode_uses_cached_centroids_one_block_at_a_time(monkeypatch):
         calls["varlen"] += 1
         return real_cent(*a, **k)
 
-    import moba_attn.ops.gate as gate
     import moba_attn.ops.torch_impl as ti
+    from moba_attn.ops import gate
 
     real_bc = gate.block_centroids
 
@@ -395,9 +400,9 @@ def test_training_backward_matches_naive_and_gradient_checkpointing():
 def test_mistral_with_and_without_sliding_window():
     from transformers import MistralConfig
 
-    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-              pad_token_id=0, initializer_range=0.1)
+    kw = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 256, "pad_token_id": 0, "initializer_range": 0.1}
     torch.manual_seed(0)
     windowed = AutoModelForCausalLM.from_config(MistralConfig(sliding_window=32, **kw)).eval()
     with pytest.raises(ValueError, match="sliding_window = None"):
@@ -411,3 +416,47 @@ def test_mistral_with_and_without_sliding_window():
     assert close(full[:, : K * BS], dense[:, : K * BS]) and not close(full, dense)
     inc, _ = incremental_logits(model, x, list(range(30, 50)))
     assert close(inc, full, 1e-4)
+
+
+# ----------------------------------------------------------------------------- decode pieces
+@pytest.mark.parametrize("hq,hkv,topk", [(4, 2, 3), (4, 1, 2), (2, 2, 1), (4, 4, 9)],
+                         ids=lambda v: str(v))
+def test_decode_step_and_state_match_naive(monkeypatch, hq, hkv, topk):
+    """The decode step on a left-padded cache == the naive reference on the packed rows."""
+    from moba_attn import moba_attn_varlen_func
+    from moba_attn.integrations.transformers import MobaDecodeState, moba_decode_attention
+
+    g = torch.Generator().manual_seed(2)
+    n_real, tk, d, bs = [37, 5, 64, 1], 64, 16, 8
+    key = torch.randn(4, hkv, tk, d, generator=g)
+    value = torch.randn(4, hkv, tk, d, generator=g)
+    q = torch.randn(4, hq, d, generator=g)
+    valid = torch.zeros(4, tk, dtype=torch.bool)
+    for b, n in enumerate(n_real):
+        valid[b, tk - n :] = True
+    rows = hf._Rows.build(valid, 4, tk)
+    assert rows.contiguous and rows.first.tolist() == [tk - n for n in n_real]
+    state = MobaDecodeState(4, hkv, d, bs, key.device)
+    state.advance(key, rows, [n - 1 for n in n_real], tk - 1)  # the cache before this token
+    state.advance(key, rows, n_real, tk)
+    assert state.n_full == [n // bs for n in n_real]
+    assert state.blocks_computed == sum(n // bs for n in n_real)
+    for b, n in enumerate(n_real):
+        real = key[b, :, tk - n :]  # [Hkv, n, D]
+        for j in range(n // bs):
+            want = real[:, j * bs : (j + 1) * bs].mean(1)
+            assert torch.allclose(state.centroids[b, j], want, atol=1e-6)
+    monkeypatch.setattr(hf, "DECODE_CHUNK_ELEMS", hq * min(topk, 8) * bs * d)  # 1 row/chunk
+    out = moba_decode_attention(q, key, value, rows.first, rows.n_real, state.centroids,
+                                block_size=bs, topk=topk, scale=d ** -0.5)
+    k_packed = key.transpose(1, 2)[valid]
+    v_packed = value.transpose(1, 2)[valid]
+    cu_k = torch.tensor([0] + list(torch.tensor(n_real).cumsum(0)), dtype=torch.int32)
+    cu_q = torch.arange(5, dtype=torch.int32)
+    ref = moba_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, 1, 64, block_size=bs,
+                                topk=topk, backend="naive")
+    assert torch.allclose(out, ref, atol=1e-5)
+    if topk < 8:  # a sparse selection really differs from dense attention here
+        dense = moba_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, 1, 64, block_size=bs,
+                                      topk=64, backend="naive")
+        assert not torch.allclose(out[2], dense[2], atol=1e-4)

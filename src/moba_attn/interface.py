@@ -25,7 +25,7 @@ def _check_qkv(q, k, v, rank: int, layout: str) -> None:
         if t.dim() != rank:
             raise ValueError(f"{name} must have shape {layout} ({rank} dims), got {tuple(t.shape)}")
         if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
             f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}: cast them, "

@@ -54,9 +54,18 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     ) from exc
 
 __all__ = [
-    "ATTN_NAME", "CONFIG_KEY", "MobaSettings", "MobaMask", "MobaDecodeState", "enable_moba",
-    "disable_moba", "register_moba", "moba_attention_forward", "moba_mask", "moba_decode_attention",
+    "ATTN_NAME",
+    "CONFIG_KEY",
+    "MobaDecodeState",
+    "MobaMask",
+    "MobaSettings",
+    "disable_moba",
+    "enable_moba",
     "get_decode_state",
+    "moba_attention_forward",
+    "moba_decode_attention",
+    "moba_mask",
+    "register_moba",
 ]
 
 ATTN_NAME = "moba"  # the name registered in AttentionInterface / AttentionMaskInterface
@@ -90,7 +99,7 @@ class MobaSettings:
         return d
 
     @staticmethod
-    def from_config(config) -> "MobaSettings":
+    def from_config(config) -> MobaSettings:
         raw = getattr(config, CONFIG_KEY, None)
         if raw is None:
             raise ValueError(
@@ -139,7 +148,7 @@ class MobaMask:
         return (self.padding.shape[0] if self.padding is not None else 1, 1, self.q_length,
                 self.kv_length)
 
-    def rows(self) -> "_Rows":
+    def rows(self) -> _Rows:
         if self._rows is None:
             self._rows = _Rows.build(self.padding, self.padding.shape[0], self.kv_length)
         return self._rows
@@ -161,7 +170,7 @@ class _Rows:
         self._table = None
 
     @staticmethod
-    def build(valid: torch.Tensor | None, batch: int, tk: int, device=None) -> "_Rows":
+    def build(valid: torch.Tensor | None, batch: int, tk: int, device=None) -> _Rows:
         if valid is None:
             n = torch.full((batch,), tk, dtype=torch.int64, device=device)
             return _Rows(None, n, torch.zeros_like(n), True)
@@ -237,9 +246,10 @@ class MobaDecodeState:
     def batch(self) -> int:
         return len(self.n_full)
 
-    def matches(self, key: torch.Tensor, past: int, prev_real: list[int]) -> bool:
-        """True when this state describes the first ``past`` slots of ``key``."""
-        if past == 0 or self.n_slots != past or self.batch != key.shape[0]:
+    def matches(self, key: torch.Tensor, past: int, prev_real: list[int], bs: int) -> bool:
+        """True when this state describes the first ``past`` slots of ``key`` with blocks of
+        ``bs`` tokens (same slot count, batch, real-token counts and last cached key)."""
+        if past == 0 or self.n_slots != past or self.batch != key.shape[0] or bs != self.block_size:
             return False
         if self.centroids.shape[2:] != key.shape[1:2] + key.shape[3:]:
             return False
@@ -378,7 +388,7 @@ def _decode_rows(q, key, value, first, n_real, centroids, block_size, topk, scal
 
 def _segments(position_ids, batch: int, t: int):
     """Packed sequences inside rows (position ids restarting), as ``[B, T]`` ids, or None."""
-    if position_ids is None or not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
         return None
     if position_ids.shape[-1] != t:
         return None
@@ -395,7 +405,8 @@ def _moba_prefill(query, key, value, rows: _Rows, seg, past: int, s: MobaSetting
     bsz, hq, tq, d = query.shape
     tk = key.shape[2]
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, T, H, D]
-    common = dict(block_size=s.block_size, topk=s.topk, softmax_scale=scaling, backend=s.backend)
+    common = {"block_size": s.block_size, "topk": s.topk, "softmax_scale": scaling,
+              "backend": s.backend}
     if rows.valid is None and seg is None:
         return moba_attn_func(q, k, v, validate=False, **common)
     dev = query.device
@@ -448,7 +459,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
     ``(out [B, Tq, Hq, D], None)``; outputs at padded query positions are zeros.
     """
     s = MobaSettings.from_config(module.config)
-    bsz, hq, tq, d = query.shape
+    bsz, _, tq, d = query.shape
     tk = key.shape[2]
     past = tk - tq
     if past < 0:
@@ -463,7 +474,8 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
     if isinstance(attention_mask, MobaMask):
         if attention_mask.kv_length != tk or attention_mask.q_offset != past:
             raise ValueError(
-                f"MoBA mask covers {attention_mask.kv_length} key slots with {attention_mask.q_offset} "
+                f"MoBA mask covers {attention_mask.kv_length} key slots with "
+                f"{attention_mask.q_offset} "
                 f"cached, but the layer got {tk} keys with {past} cached: the KV cache must hold "
                 "exactly the tokens seen so far (DynamicCache)"
             )
@@ -477,7 +489,9 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
         user_mask = attention_mask  # a 4D mask prepared by the caller
         rows = _Rows.build(None, bsz, tk, query.device)
 
-    seg = _segments(kwargs.get("position_ids"), bsz, tq) if (past == 0 and rows.valid is None) else None
+    seg = None
+    if past == 0 and rows.valid is None:  # padding-free packing: position ids restart
+        seg = _segments(kwargs.get("position_ids"), bsz, tq)
     dense = layer in s.full_attn_layers or (past > 0 and s.decode == "full")
     if dense:
         if user_mask is not None:
@@ -512,7 +526,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
         prev_real = [past] * bsz
     else:
         prev_real = (rows.n_real - rows.valid[:, past:].sum(1)).tolist()
-    if state is None or not state.matches(key, past, prev_real):
+    if state is None or not state.matches(key, past, prev_real, s.block_size):
         state = MobaDecodeState(bsz, key.shape[1], d, s.block_size, key.device)
         if past > 0:
             state.rebuilds += 1
@@ -574,31 +588,33 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
     mods = _attention_modules(model)
     if block_size is None and topk is None:
         saved = MobaSettings.from_config(model.config)
-        block_size, topk, decode, backend = saved.block_size, saved.topk, saved.decode, saved.backend
+        block_size, topk = saved.block_size, saved.topk
+        decode, backend = saved.decode, saved.backend
         full_attn_layers = saved.full_attn_layers if full_attn_layers == () else full_attn_layers
     elif block_size is None or topk is None:
         raise ValueError("pass both block_size and topk (or neither, to restore config.moba)")
     _check_settings(block_size, topk, decode, backend)
     n_layers = max(m.layer_idx for m in mods) + 1
-    n_layers = max(n_layers, int(getattr(mods[0].config, "num_hidden_layers", n_layers) or n_layers))
+    n_layers = max(n_layers, int(getattr(mods[0].config, "num_hidden_layers", 0) or 0))
     full = []
     for i in full_attn_layers:
         if isinstance(i, bool) or not isinstance(i, int):
-            raise ValueError(f"full_attn_layers must hold ints, got {i!r}")
+            raise TypeError(f"full_attn_layers must hold ints, got {i!r}")
         if not -n_layers <= i < n_layers:
             raise ValueError(f"full_attn_layers index {i} is out of range for {n_layers} layers")
         full.append(i % n_layers)
     for m in mods:
-        if getattr(m.config, "layer_types", None) is None and getattr(m.config, "sliding_window", None):
+        types = getattr(m.config, "layer_types", None)
+        if types is None and getattr(m.config, "sliding_window", None):
             raise ValueError(
                 f"this model uses sliding-window attention (config.sliding_window="
                 f"{m.config.sliding_window}); MoBA replaces full attention. To route every layer "
                 "with MoBA instead of the window, set model.config.sliding_window = None first"
             )
-        types = getattr(m.config, "layer_types", None)
-        if types is not None and m.layer_idx < len(types) and types[m.layer_idx] != "full_attention":
+        kind = types[m.layer_idx] if types is not None and m.layer_idx < len(types) else None
+        if kind not in (None, "full_attention"):
             raise ValueError(
-                f"layer {m.layer_idx} is a '{types[m.layer_idx]}' layer: MoBA replaces full "
+                f"layer {m.layer_idx} is a '{kind}' layer: MoBA replaces full "
                 "attention only; models with sliding-window or linear layers are not supported"
             )
     register_moba()

@@ -35,6 +35,8 @@ class BlockLayout:
     row_own_np: np.ndarray
     row_first_np: np.ndarray
     all_full: bool  # every block has exactly ``width`` tokens
+    max_seq_blocks: int  # most blocks in one sequence
+    max_len_k: int  # longest key sequence
 
     @staticmethod
     def build(cu_q: torch.Tensor, cu_k: torch.Tensor, block_size: int) -> "BlockLayout":
@@ -60,7 +62,8 @@ class BlockLayout:
 
         return BlockLayout(block_size, n_blocks, max(width, 1), t(row_pos), t(row_own),
                            t(row_first), t(blk_start), t(blk_len), row_own, row_first,
-                           bool((blk_len == max(width, 1)).all()))
+                           bool((blk_len == max(width, 1)).all()), int(nb.max(initial=0)),
+                           int(lk.max(initial=0)))
 
     def block_tokens(self, total_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(token index [n_blocks, width], valid [n_blocks, width])`` of every block slot."""

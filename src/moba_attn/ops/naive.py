@@ -18,10 +18,13 @@ import math
 import torch
 
 
-def moba_mask_naive(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int) -> torch.Tensor:
+def moba_mask_naive(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int,
+                    selection: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask ``[Hq, Tq, Tk]`` of the keys each query attends, for ONE sequence.
 
     q: ``[Tq, Hq, D]`` (the last Tq positions of the sequence), k: ``[Tk, Hkv, D]``.
+    ``selection`` ``[Tq, Hq, k-1]`` (block indices, -1 = none) replaces steps 1-4, so tests
+    can check attention apart from the gate.
     """
     Tq, Hq, _ = q.shape
     Tk, Hkv, _ = k.shape
@@ -46,6 +49,9 @@ def moba_mask_naive(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int
     # 4. top-(k-1) with the tie rule: a stable descending sort keeps lower indices first
     n_pick = min(topk - 1, n_blocks)
     order = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :n_pick]
+    if selection is not None:  # external routing: [Tq, Hq, k-1] -> [Hq, Tq, k-1]
+        order = selection.permute(1, 0, 2).long()
+        order = torch.where(order >= 0, order, own_q[None, :, None].expand_as(order))
     chosen = torch.zeros_like(gate, dtype=torch.bool).scatter_(-1, order, True) & candidate
     # 5. chosen blocks + own block, causal at the token level
     own = blocks[None, None, :] == own_q[None, :, None]
@@ -65,11 +71,14 @@ def moba_attn_naive(
     topk: int,
     softmax_scale: float | None = None,
     compute_dtype: torch.dtype = torch.float32,
+    selection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference MoBA over a packed batch. Returns ``(out [total_q, Hq, D], lse [Hq, total_q])``.
 
     Attention runs in ``compute_dtype`` (fp32 or fp64); the gate always runs in fp32 on the
-    inputs as given. Differentiable by plain autograd (the mask is not).
+    inputs as given. Differentiable by plain autograd (the mask is not). ``selection``
+    ``[total_q, Hq, k-1]`` (per-sequence block indices, -1 = none, as ``moba_select`` returns)
+    overrides the gate.
     """
     Hq, D = q.shape[1], q.shape[2]
     Hkv = k.shape[1]
@@ -83,7 +92,8 @@ def moba_attn_naive(
         qs, ks, vs = q[cq[s] : cq[s + 1]], k[ck[s] : ck[s + 1]], v[ck[s] : ck[s + 1]]
         if qs.shape[0] == 0:
             continue
-        mask = moba_mask_naive(qs, ks, block_size, topk)  # [Hq, Tq, Tk]
+        sel_s = None if selection is None else selection[cq[s] : cq[s + 1]]
+        mask = moba_mask_naive(qs, ks, block_size, topk, sel_s)  # [Hq, Tq, Tk]
         qc = qs.to(compute_dtype)
         kc = ks.to(compute_dtype).repeat_interleave(group, dim=1)
         vc = vs.to(compute_dtype).repeat_interleave(group, dim=1)

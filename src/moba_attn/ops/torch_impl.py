@@ -344,6 +344,11 @@ class MobaTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, block_size, topk, scale, deterministic):
         layout = BlockLayout.build(cu_q, cu_k, block_size)
+        if layout.max_seq_blocks <= topk:
+            # every query attends its whole causal prefix: run it as ONE own block per
+            # sequence (a dense causal pass, no gating)
+            layout = BlockLayout.build(cu_q, cu_k, max(layout.max_len_k, 1))
+            topk = 1
         with torch.no_grad():
             sel = _gate_all(q, k, layout, topk)
             out, lse = _forward(q, k, v, layout, sel, topk, scale)
