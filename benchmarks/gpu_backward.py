@@ -175,36 +175,69 @@ def check_backward(batch=2, t=4 * K, hq=16, hkv=4, d=128, b=128, kk=8):
     return res
 
 
-def sweep(batch, t, hq, hkv, d, b, kk):
-    """Time the backward alone for a few tile shapes; keep the fastest per kernel."""
+def _bwd_case(batch, t, hq, hkv, d, b, kk):
     q, k, v, cu = inputs(batch, t, hq, hkv, d, grad=False)
     layout = BlockLayout.build(cu, cu, b)
     scale = d ** -0.5
     sel = torch_impl._gate_all(q, k, layout, kk)
     out, lse = torch_impl._forward(q, k, v, layout, sel, kk, scale)
-    dout = torch.randn_like(q)
+    return q, k, v, out, lse.float(), torch.randn_like(q), layout, sel, kk, scale
+
+
+SWEEP = {"small": {"dkdv": [(64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
+                   "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 4, 3)]},
+         "large": {"dkdv": [(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)],
+                   "dq": [(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)]}}
+
+
+def sweep(regime, batch, t, hq, hkv, d, b, kk):
+    """Time the backward alone for a few tile shapes; keep the fastest per kernel."""
+    case = _bwd_case(batch, t, hq, hkv, d, b, kk)
 
     def bwd():
-        tb.moba_backward_triton(q, k, v, out, lse, dout, layout, sel, kk, scale, False)
+        tb.moba_backward_triton(*case, False)
 
     results = {}
-    cand = {"dkdv": [(64, 128, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (32, 128, 4, 3)],
-            "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2), (128, 32, 4, 3)]}
     for kernel in ("dkdv", "dq"):
         best = None
-        for cfg in cand[kernel]:
-            tb.KERNEL_CONFIG[kernel][d] = cfg
+        for cfg in SWEEP[regime][kernel]:
+            tb.KERNEL_CONFIG[(kernel, regime)][d] = cfg
             try:
-                ms = time_ms(bwd)
+                ms = time_ms(bwd, long_reps=2)
             except Exception as err:  # a shape the compiler refuses (resources): skip it
                 print(f"# {kernel} {cfg}: {type(err).__name__}: {str(err)[:100]}")
                 continue
-            results[f"{kernel}{cfg}"] = ms
-            print(f"# sweep {kernel} {cfg}: bwd {ms:.2f} ms")
+            results[f"{regime}-{kernel}{cfg}"] = ms
+            print(f"# sweep {regime} {kernel} {cfg}: bwd {ms:.2f} ms")
             if best is None or ms < best[1]:
                 best = (cfg, ms)
-        tb.KERNEL_CONFIG[kernel][d] = best[0]
+        tb.KERNEL_CONFIG[(kernel, regime)][d] = best[0]
     return results
+
+
+def breakdown(batch, t, hq, hkv, d, b, kk):
+    """ms of the backward's parts: entry sort, dK/dV kernel, dQ kernel (tiles included)."""
+    q, k, v, out, lse, dout, layout, sel, kk, scale = case = _bwd_case(batch, t, hq, hkv, d, b, kk)
+    total_q = q.shape[0]
+    ents = tb._Entries(layout, sel, 0, total_q, hq, hkv, kk)
+    lse2 = (lse.t() * tb.LOG2E).contiguous()
+    delta = torch.randn(total_q * hq, device="cuda")
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = torch.zeros(total_q, hq, d, device="cuda")
+    res = dict(
+        total=time_ms(lambda: tb.moba_backward_triton(*case, False)),
+        entries=time_ms(lambda: tb._Entries(layout, sel, 0, total_q, hq, hkv, kk)),
+        dkdv=time_ms(lambda: tb._launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents,
+                                             kk, scale, d, "tf32")),
+        dq=time_ms(lambda: tb._launch_dq(q, k, v, dout, dq, lse2, delta, layout, ents, kk,
+                                         scale, True, 0, d, "tf32")),
+    )
+    keys = n_attended_keys(torch.tensor([0, t]), torch.tensor([0, t]), b, kk) * batch * hq
+    res["dkdv_tflops"] = 4 * 2 * d * keys / (res["dkdv"] * 1e-3) / 1e12
+    res["dq_tflops"] = 3 * 2 * d * keys / (res["dq"] * 1e-3) / 1e12
+    print(f"# breakdown T={t // K}K B={b} k={kk}: " + ", ".join(
+        f"{n} {x:.1f}" for n, x in res.items()))
+    return res
 
 
 # ----------------------------------------------------------------------------- main
@@ -215,7 +248,8 @@ def main():
     ap.add_argument("--paper-t", default="128,512,1024", help="T in K tokens")
     ap.add_argument("--dense-max", type=int, default=128, help="largest dense T (K tokens)")
     ap.add_argument("--budget-s", type=float, default=240, help="skip the rest past this")
-    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep", default="small", help="regimes to sweep: small,large or none")
+    ap.add_argument("--breakdown", action="store_true", help="time the backward's parts")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
@@ -228,9 +262,15 @@ def main():
           {k: f"{v:.1e}" for k, v in res["check"].items()})
     name_fn = moba_fn()
     res["moba_impl"] = name_fn[0]
-    if not args.no_sweep:
-        res["sweep"] = sweep(2, 128 * K, 16, 16, 128, 128, 8)
-    res["kernel_config"] = {k: {str(d): c for d, c in v.items()}
+    res["sweep"] = {}
+    if "small" in args.sweep:
+        res["sweep"].update(sweep("small", 2, 128 * K, 16, 16, 128, 128, 8))
+    if "large" in args.sweep:
+        res["sweep"].update(sweep("large", 1, 128 * K, 8, 8, 128, 4096, 12))
+    if args.breakdown:
+        res["breakdown"] = dict(flashmoba_128k=breakdown(2, 128 * K, 16, 16, 128, 128, 8),
+                                paper_128k=breakdown(1, 128 * K, 8, 8, 128, 4096, 12))
+    res["kernel_config"] = {"-".join(k): {str(d): c for d, c in v.items()}
                             for k, v in tb.KERNEL_CONFIG.items()}
 
     settings = [("flashmoba", 2, 16, 128, 8, int(x)) for x in args.flashmoba_t.split(",")]

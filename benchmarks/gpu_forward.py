@@ -33,11 +33,11 @@ from moba_attn.ops.gate import BlockLayout, dense_causal_keys, n_attended_keys
 
 K = 1024
 SETTINGS = {
-    "paper": dict(batch=1, hq=8, hkv=8, d=128, block=4096, topk=12,
-                  lengths=[32 * K, 128 * K, 512 * K, 1024 * K]),
-    "flashmoba": dict(batch=2, hq=16, hkv=16, d=128, block=128, topk=8,
-                      lengths=[8 * K, 128 * K, 512 * K]),
-    "gqa": dict(batch=1, hq=32, hkv=8, d=128, block=512, topk=3, lengths=[8 * K, 32 * K, 128 * K]),
+    "paper": {"batch": 1, "hq": 8, "hkv": 8, "d": 128, "block": 4096, "topk": 12,
+                  "lengths": [32 * K, 128 * K, 512 * K, 1024 * K]},
+    "flashmoba": {"batch": 2, "hq": 16, "hkv": 16, "d": 128, "block": 128, "topk": 8,
+                      "lengths": [8 * K, 128 * K, 512 * K]},
+    "gqa": {"batch": 1, "hq": 32, "hkv": 8, "d": 128, "block": 512, "topk": 3, "lengths": [8 * K, 32 * K, 128 * K]},
 }
 # Priority order (the issue's targets first), so a time budget cuts the least important runs.
 JOBS = [("paper", 1024 * K), ("flashmoba", 512 * K), ("paper", 128 * K), ("flashmoba", 128 * K),
@@ -98,83 +98,108 @@ def rows_reference(q, k, v, layout, sel, scale, rows):
 
 
 def run_setting(name, cfg, lengths, dense_max, log):
-    rows_out = []
-    for t in lengths:
-        b, hq, hkv, d, bsz, topk = (cfg[x] for x in ("batch", "hq", "hkv", "d", "block", "topk"))
-        total = b * t
-        cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
-        q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
-        scale = d ** -0.5
-        long = t >= 256 * K
-        rec = dict(setting=name, T=t, batch=b, hq=hq, hkv=hkv, d=d, block=bsz, topk=topk)
-        dense = t <= topk * bsz
+    return [run_one(name, cfg, t, dense_max, log) for t in lengths]
 
-        # correctness first (kernels, not the dense dispatch): sampled rows vs fp64
-        layout = BlockLayout.build(cu, cu, bsz)
+
+def run_one(name, cfg, t, dense_max, log):
+    """One (setting, T): correctness check, then timings; returns the record."""
+    b, hq, hkv, d, bsz, topk = (cfg[x] for x in ("batch", "hq", "hkv", "d", "block", "topk"))
+    total = b * t
+    cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
+    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
+    scale = d ** -0.5
+    long = t >= 256 * K
+    rec = {"setting": name, "T": t, "batch": b, "hq": hq, "hkv": hkv, "d": d, "block": bsz, "topk": topk}
+    dense = t <= topk * bsz
+
+    # correctness first (kernels, not the dense dispatch): sampled rows vs fp64
+    layout = BlockLayout.build(cu, cu, bsz)
+    with torch.no_grad():
+        out, lse, sel = ta.moba_forward_triton(q, k, v, layout, topk, scale)
+    rows = torch.cat([torch.arange(8), torch.randint(0, total, (24,)),
+                      torch.arange(total - 8, total)]).cuda()
+    ref = rows_reference(q, k, v, layout, sel, scale, rows)
+    rel = ((out[rows].double() - ref).norm() / ref.norm()).item()
+    rec["check_rel_err"] = rel
+    rec["check_ok"] = bool(rel < 2e-2 and not out.isnan().any())
+    del out, lse
+    if not rec["check_ok"]:
+        log(f"[{name} T={t}] CORRECTNESS FAILED rel={rel:.3e}; skipping timings")
+        return rec
+
+    def moba():
         with torch.no_grad():
-            out, lse, sel = ta.moba_forward_triton(q, k, v, layout, topk, scale)
-        rows = torch.cat([torch.arange(8), torch.randint(0, total, (24,)),
-                          torch.arange(total - 8, total)]).cuda()
-        ref = rows_reference(q, k, v, layout, sel, scale, rows)
-        rel = ((out[rows].double() - ref).norm() / ref.norm()).item()
-        rec["check_rel_err"] = rel
-        rec["check_ok"] = bool(rel < 2e-2 and not out.isnan().any())
-        del out, lse
-        if not rec["check_ok"]:
-            log(f"[{name} T={t}] CORRECTNESS FAILED rel={rel:.3e}; skipping timings")
-            rows_out.append(rec)
+            return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz, topk=topk,
+                                       softmax_scale=scale)
+
+    def gate():
+        return tg.gate_triton(q, k, layout, topk)
+
+    def attn():
+        return ta._moba_forward(q, k, v, layout, sel, topk, scale)
+
+    rec["moba_ms"] = time_ms(moba, long)
+    rec["path"] = ta.LAST_PATH
+    rec["gate_ms"] = time_ms(gate, long) if not dense else 0.0
+    rec["attn_ms"] = time_ms(attn, long)
+    rec["moba_peak_gb"] = peak_gb(moba)
+    useful = n_attended_keys(cu.cpu(), cu.cpu(), bsz, topk) * hq * 4 * d
+    rec["moba_tflops"] = useful / rec["moba_ms"] / 1e9
+    rec["dense_dispatch"] = dense
+    sel = None  # free the selection before the dense baselines
+
+    q4 = q.view(b, t, hq, d).transpose(1, 2)
+    k4 = k.view(b, t, hkv, d).transpose(1, 2)
+    v4 = v.view(b, t, hkv, d).transpose(1, 2)
+    dflops = dense_causal_keys(cu.cpu(), cu.cpu()) * hq * 4 * d
+    for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                           ("flash", SDPBackend.FLASH_ATTENTION)):
+        if t > dense_max:
             continue
 
-        def moba():
-            with torch.no_grad():
-                return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz, topk=topk,
-                                           softmax_scale=scale)
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend), torch.no_grad():
+                return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
+                                                      enable_gqa=hq != hkv)
+        try:
+            rec[f"{label}_ms"] = time_ms(sdpa, long)
+            if label == "cudnn":
+                rec[f"{label}_peak_gb"] = peak_gb(sdpa)
+            rec[f"{label}_tflops"] = dflops / rec[f"{label}_ms"] / 1e9
+            rec[f"speedup_vs_{label}"] = rec[f"{label}_ms"] / rec["moba_ms"]
+        except RuntimeError as err:  # a backend refusing the shape
+            rec[f"{label}_error"] = str(err).splitlines()[0][:200]
+    rec["gate_share"] = rec["gate_ms"] / rec["moba_ms"]
+    log(json.dumps(rec))
+    return rec
 
-        def gate():
-            return tg.gate_triton(q, k, layout, topk)
 
-        def attn():
-            return ta._moba_forward(q, k, v, layout, sel, topk, scale)
-
-        rec["moba_ms"] = time_ms(moba, long)
-        rec["path"] = ta.LAST_PATH
-        rec["gate_ms"] = time_ms(gate, long) if not dense else 0.0
-        rec["attn_ms"] = time_ms(attn, long)
-        rec["moba_peak_gb"] = peak_gb(moba)
-        useful = n_attended_keys(cu.cpu(), cu.cpu(), bsz, topk) * hq * 4 * d
-        rec["moba_tflops"] = useful / rec["moba_ms"] / 1e9
-        rec["dense_dispatch"] = dense
-        del sel
-
-        q4 = q.view(b, t, hq, d).transpose(1, 2)
-        k4 = k.view(b, t, hkv, d).transpose(1, 2)
-        v4 = v.view(b, t, hkv, d).transpose(1, 2)
-        dflops = dense_causal_keys(cu.cpu(), cu.cpu()) * hq * 4 * d
-        for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
-                               ("flash", SDPBackend.FLASH_ATTENTION)):
-            if t > dense_max:
-                continue
-
-            def sdpa(backend=backend):
-                with sdpa_kernel(backend), torch.no_grad():
-                    return F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=scale,
-                                                          enable_gqa=hq != hkv)
-            try:
-                rec[f"{label}_ms"] = time_ms(sdpa, long)
-                if label == "cudnn":
-                    rec[f"{label}_peak_gb"] = peak_gb(sdpa)
-                rec[f"{label}_tflops"] = dflops / rec[f"{label}_ms"] / 1e9
-                rec[f"speedup_vs_{label}"] = rec[f"{label}_ms"] / rec["moba_ms"]
-            except RuntimeError as err:  # a backend refusing the shape
-                rec[f"{label}_error"] = str(err).splitlines()[0][:200]
-        rec["gate_share"] = rec["gate_ms"] / rec["moba_ms"]
-        log(json.dumps(rec))
-        rows_out.append(rec)
-        del q, k, v, q4, k4, v4, layout
-        torch.cuda.empty_cache()
-    return rows_out
+def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
+    """Gate time per tile shape ``(BM, BN, warps)`` on FlashMoBA's 512K setting."""
+    total = batch * t
+    cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
+    q = torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, h, d, device="cuda", dtype=torch.bfloat16)
+    layout = BlockLayout.build(cu, cu, bsz)
+    cent = tg.block_centroids_triton(k, layout)
+    log(f"gate sweep T={t} batch={batch} H={h} B={bsz} k={topk}: "
+        f"centroids {time_ms(lambda: tg.block_centroids_triton(k, layout), True):.2f} ms")
+    base = None
+    for tile in [None, (64, 64, 4), (64, 64, 8), (128, 32, 8), (128, 64, 8), (32, 32, 4)]:
+        tg.GATE_TILE = tile
+        try:
+            sel = tg.select_blocks_triton(q, cent, layout, topk)
+            sel = torch.sort(sel, -1).values
+            same = True if base is None else bool(torch.equal(sel, base))
+            base = sel if base is None else base
+            ms = time_ms(lambda: tg.select_blocks_triton(q, cent, layout, topk), True)
+            log(f"  gate tile {tile or 'default'}: {ms:.2f} ms, same selection: {same}")
+        except Exception as err:  # noqa: BLE001  a shape the compiler refuses (resources)
+            log(f"  gate tile {tile}: failed {str(err).splitlines()[0][:150]}")
+        finally:
+            tg.GATE_TILE = None
 
 
 def table(rows) -> str:
@@ -182,7 +207,7 @@ def table(rows) -> str:
             f"{'flash':>9} {'x cuDNN':>7} {'x FA':>6} {'TF/s':>6} {'peakGB':>6} {'cuDNNGB':>7}")
     lines = [head]
     for r in rows:
-        f = lambda k, fmt: (format(r[k], fmt) if k in r else "-")
+        f = lambda k, fmt, r=r: (format(r[k], fmt) if k in r else "-")
         lines.append(
             f"{r['setting']:9} {r['T'] // K:>5}K {f('moba_ms', '9.2f')} {f('gate_ms', '7.2f')} "
             f"{f('attn_ms', '8.2f')} {f('cudnn_ms', '9.2f')} {f('flash_ms', '9.2f')} "
@@ -198,10 +223,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="one length per setting")
     ap.add_argument("--dense-max", type=int, default=1024 * K, help="longest T timed densely")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new lengths after")
+    ap.add_argument("--jobs", default="", help="e.g. paper:32768,gqa:8192 (default: all)")
+    ap.add_argument("--gate-sweep", action="store_true",
+                    help="time gate tile shapes at flashmoba 512K (checks equal selections)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    logf = open(os.path.join(args.out, "gpu_forward.log"), "a")
+    logf = open(os.path.join(args.out, "gpu_forward.log"), "a")  # noqa: SIM115  closed at exit
 
     def log(msg):
         print(msg, flush=True)
@@ -211,13 +239,19 @@ def main(argv=None):
     log(f"machine: {machine()}; gate precision {tg.get_gate_precision()}")
     results = []
     wanted = args.settings.split(",")
-    for name, t in (QUICK if args.quick else JOBS):
+    if args.gate_sweep:
+        gate_sweep(log)
+    jobs = QUICK if args.quick else JOBS
+    if args.jobs:
+        jobs = [(j.split(":")[0], int(j.split(":")[1])) for j in args.jobs.split(",")]
+    for name, t in jobs:
         if name not in wanted:
             continue
         if time.time() - t0 > args.budget_s:
             log(f"[{name} T={t}] skipped: time budget spent")
             continue
         results += run_setting(name, SETTINGS[name], [t], args.dense_max, log)
+        torch.cuda.empty_cache()
         with open(os.path.join(args.out, "gpu_forward.json"), "w") as fh:
             json.dump({"machine": machine(), "results": results}, fh, indent=1)
     results.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), r["T"]))
@@ -228,6 +262,7 @@ def main(argv=None):
         w.writerows(results)
     log(f"total {time.time() - t0:.0f} s; ms; x = dense ms / moba ms (same run)")
     log(table(results))
+    logf.close()
     return results
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from conftest import DEVICE
 from moba_attn.ops import torch_impl
 from moba_attn.ops.custom_op import moba_attn_varlen_op, varlen_bwd, varlen_fwd
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inputs(lens, hq=4, hkv=2, d=32, dtype=torch.float32, device=DEVICE, grad=True):

@@ -12,11 +12,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import DEVICE
 from moba_attn.ops import torch_impl
 from moba_attn.ops import triton_backward as tb
 from moba_attn.ops.gate import BlockLayout
 from moba_attn.ops.naive import moba_mask_naive
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ----------------------------------------------------------------------------- oracle

@@ -7,7 +7,6 @@ Tolerance (flash-attn's rule): kernel error vs an fp64 reference <= 2x the error
 PyTorch computation in the kernel's dtype, plus a small floor.
 """
 
-import math
 import warnings
 
 import pytest
@@ -21,8 +20,7 @@ from moba_attn.ops.gate import BlockLayout, block_centroids
 from moba_attn.ops.naive import moba_attn_naive
 from moba_attn.ops.torch_impl import _gate_all
 
-from conftest import DEVICE
-
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 
 
@@ -48,7 +46,7 @@ def make_qkv(total_q, total_k, hq, hkv, d, dtype, device=DEVICE):
 def rows_reference(q, k, v, layout, sel, scale, dtype, rows=None, chunk=64):
     """Output and LSE of ``rows`` given the selection, computed in ``dtype`` by gathering each
     row's keys (own block causal + selected blocks): ``(out [R, Hq, D], lse [Hq, R])``."""
-    total_q, hq, d = q.shape
+    total_q, hq, _ = q.shape
     group = hq // k.shape[1]
     bsz = layout.block_size
     rows = torch.arange(total_q, device=q.device) if rows is None else rows
@@ -254,7 +252,7 @@ def test_unsupported_falls_back_with_warning(bsz, d):
     q, k, v = make_qkv(100, 100, 2, 2, d, torch.float32)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        out, lse = ta.moba_attn_triton(q, k, v, cq, cq, 100, 100, block_size=bsz, topk=2,
+        out, _ = ta.moba_attn_triton(q, k, v, cq, cq, 100, 100, block_size=bsz, topk=2,
                                        softmax_scale=d ** -0.5)
     assert any("torch path" in str(w.message) for w in rec) and ta.LAST_PATH == "torch"
     ref, _ = moba_attn_naive(q, k, v, cq, cq, block_size=bsz, topk=2)
@@ -363,6 +361,16 @@ def test_gpu_dense_dispatch_and_identity(hkv):
     for o, l in ((out, lse), (kern_o, kern_l)):
         assert err(o, ref_o) <= 2 * err(pt_o, ref_o) + 1e-4
         assert err(l, ref_l) <= 2 * err(pt_l, ref_l) + 1e-4
+    # the backward of the dense path (its LSE comes from cuDNN) equals the kernels' one
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    o1, _ = ta.moba_attn_triton(qg, kg, vg, cq, cq, t, t, block_size=bsz, topk=4,
+                                softmax_scale=d ** -0.5)
+    g = torch.randn_like(o1)
+    grads = torch.autograd.grad(o1, (qg, kg, vg), g)
+    ref_g = ta._backward_impl()(q, k, v, kern_o, kern_l, g, layout, dsel, 4, d ** -0.5, False)
+    for a, b in zip(grads, ref_g):
+        assert torch.isfinite(a).all()
+        assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm()
 
 
 @gpu

@@ -18,7 +18,6 @@ the op calls cuDNN attention instead. Unsupported configs fall back to the torch
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 
@@ -143,7 +142,7 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
     # Merge the selected-block partials: each is a normalised output o_j with LSE_j.
-    for j in range(0, K1):
+    for j in range(K1):
         blk = tl.load(SEL + rows * stride_st + h * stride_sh + j, mask=rmask, other=-1)
         used = blk >= 0
         ent = ((rows - r0) * GROUP + g) * K1 + j
@@ -334,7 +333,7 @@ def _try_dense(q, k, v, cu_q, cu_k, block_size, topk, scale):
         return None
     try:
         return _dense_cudnn(q, k, v, len(lq), scale)
-    except Exception as err:  # cuDNN missing or refusing the shape: use the kernels
+    except Exception as err:  # noqa: BLE001  cuDNN missing or refusing the shape: use the kernels
         _warn_once(f"cuDNN dense attention failed ({str(err).splitlines()[0][:120]})")
         return None
 
@@ -362,7 +361,7 @@ def _backward_impl():
         from .triton_backward import moba_backward_triton
 
         return moba_backward_triton
-    except Exception:  # module absent or its kernels cannot load: exact torch backward
+    except Exception:  # noqa: BLE001  module absent or its kernels cannot load: exact torch backward
         from .torch_impl import _backward
 
         return _backward
@@ -372,17 +371,19 @@ def _backward_impl():
 class MobaTritonFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, block_size, topk, scale, deterministic):
-        layout = BlockLayout.build(cu_q, cu_k, block_size)
+        global LAST_PATH
+        layout = None  # the dense path needs no block layout until the backward
         with torch.no_grad():
             dense = _try_dense(q, k, v, cu_q, cu_k, block_size, topk, scale)
-            global LAST_PATH
             if dense is not None:
                 out, lse = dense
                 sel = None
                 LAST_PATH = "cudnn-dense"
             else:
+                layout = BlockLayout.build(cu_q, cu_k, block_size)
                 out, lse, sel = moba_forward_triton(q, k, v, layout, topk, scale)
                 LAST_PATH = "kernels"
+        ctx.cu = (cu_q, cu_k, block_size)
         ctx.dense = sel is None
         ctx.save_for_backward(q, k, v, out, lse, sel if sel is not None else lse.new_empty(0))
         ctx.layout, ctx.topk, ctx.scale, ctx.deterministic = layout, topk, scale, deterministic
@@ -392,6 +393,8 @@ class MobaTritonFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, sel = ctx.saved_tensors
+        if ctx.layout is None:
+            ctx.layout = BlockLayout.build(*ctx.cu)
         if ctx.dense:
             sel = dense_selection(ctx.layout, q.shape[1], ctx.topk)
         with torch.no_grad():
@@ -427,5 +430,10 @@ def moba_attn_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
                                     deterministic)
 
 
-__all__ = ["moba_attn_triton", "moba_forward_triton", "dense_selection", "unsupported_reason",
-           "MobaTritonFunction"]
+__all__ = [
+    "MobaTritonFunction",
+    "dense_selection",
+    "moba_attn_triton",
+    "moba_forward_triton",
+    "unsupported_reason",
+]

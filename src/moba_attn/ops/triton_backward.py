@@ -10,7 +10,8 @@ row's position, causal), slots 1..k-1 the selected earlier blocks (whole). Entry
 ``e = (row * Hq + head) * k + slot``. Entries are sorted by *group* = (key block, kv head),
 row-major inside a group (a CSR list, built on the device by one sort):
 
-- ``_dkdv_kernel``: one program per (group, key sub-tile of ``BLOCK_N`` keys). It loads that
+- ``_dkdv_kernel``: one program per (group, key sub-tile of ``BLOCK_N`` keys), the sub-tiles
+  of a group adjacent in launch order. It loads that
   K/V tile once, streams the group's entries in tiles of ``BLOCK_M`` gathered query rows and
   accumulates dK/dV in registers. Every key token belongs to exactly one block, so each output
   row is written by exactly one program: no atomics, deterministic, GQA summed for free
@@ -47,14 +48,22 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Tile shapes: (BLOCK_M entries, BLOCK_N keys, num_warps, num_stages) per kernel, by padded head
-# dim. Overridable (benchmarks sweep them) through ``KERNEL_CONFIG``.
+# Tile shapes ``(BLOCK_M entries, BLOCK_N keys, num_warps, num_stages)`` per kernel, per
+# block-size regime ("small": B < 512, where programs are short and gather-bound; "large":
+# long compute-bound loops) and per padded head dim. ``KERNEL_CONFIG`` is overridable
+# (benchmarks/gpu_backward.py sweeps it); the D=128 entries are the fastest of its H200 sweeps
+# (2026-11-28: batch 2 x 16 heads x 128K, B=128, k=8; 8 heads x 128K, B=4096, k=12).
 KERNEL_CONFIG = {
-    "dkdv": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 128, 8, 2), 128: (64, 128, 8, 2),
-             256: (32, 64, 8, 1)},
-    "dq": {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (128, 64, 8, 2), 128: (128, 64, 8, 2),
-           256: (64, 32, 8, 1)},
+    ("dkdv", "small"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 128, 8, 2),
+                        128: (32, 128, 4, 3), 256: (32, 64, 8, 1)},
+    ("dq", "small"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
+                      128: (64, 64, 4, 2), 256: (64, 32, 8, 1)},
+    ("dkdv", "large"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 128, 8, 2),
+                        128: (32, 128, 4, 3), 256: (32, 64, 8, 1)},
+    ("dq", "large"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (128, 64, 8, 2),
+                      128: (128, 64, 8, 2), 256: (64, 32, 8, 1)},
 }
+LARGE_BLOCK = 512
 _INTERPRET_CONFIG = (32, 32, 4, 1)  # small tiles keep the CPU interpreter quick
 _empty_like = torch.empty_like  # outputs every element of which a kernel writes (tests poison it)
 
@@ -91,11 +100,14 @@ def _load_entries(ENT, ROW_POS, LSE2, DELTA, e, e_mask, HQ, TOPK, BLOCK_SIZE):
 
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, ROW_POS, BLK_START, BLK_LEN, ENT, GRP_OFF,
-                 sm_scale, scale_log2, HQ, HKV, TOPK, BLOCK_SIZE, D,
+                 sm_scale, scale_log2, HQ, HKV, TOPK, BLOCK_SIZE, D, N_SUB,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr):
-    g = tl.program_id(0).to(tl.int64)  # group = block * Hkv + kv head
-    n0 = tl.program_id(1) * BLOCK_N  # first key of this sub-tile inside the block
+    # sub-tiles of one group are neighbours in launch order: they run together and share the
+    # gathered q/dO rows through L2
+    pid = tl.program_id(0).to(tl.int64)
+    g = pid // N_SUB  # group = block * Hkv + kv head
+    n0 = (pid - g * N_SUB).to(tl.int32) * BLOCK_N  # first key of this sub-tile in the block
     blk = g // HKV
     kvh = g - blk * HKV
     blen = tl.load(BLK_LEN + blk)
@@ -203,10 +215,10 @@ def _unsupported(q: torch.Tensor) -> str | None:
     return None
 
 
-def _config(kernel: str, block_d: int):
+def _config(kernel: str, block_d: int, block_size: int):
     if _interpreting():
         return _INTERPRET_CONFIG
-    return KERNEL_CONFIG[kernel][block_d]
+    return KERNEL_CONFIG[(kernel, "large" if block_size >= LARGE_BLOCK else "small")][block_d]
 
 
 class _Entries:
@@ -256,7 +268,7 @@ class _Entries:
 
 def _launch_dq(q, k, v, dout, dq_buf, lse2, delta, layout, ents, topk, scale, atomic,
                eid_base, block_d, precision):
-    bm, bn, warps, stages = _config("dq", block_d)
+    bm, bn, warps, stages = _config("dq", block_d, layout.block_size)
     grp, start = ents.tiles(bm)
     if grp.numel() == 0:
         return
@@ -266,6 +278,18 @@ def _launch_dq(q, k, v, dout, dq_buf, lse2, delta, layout, ents, topk, scale, at
         ents.ent, ents.grp_off, grp, start, scale, scale * LOG2E, hq, hkv, topk,
         layout.block_size, d, eid_base, ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         PRECISION=precision, num_warps=warps, num_stages=stages)
+
+
+def _launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, topk, scale, block_d,
+                 precision):
+    bm, bn, warps, stages = _config("dkdv", block_d, layout.block_size)
+    n_sub = triton.cdiv(layout.width, bn)
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    _dkdv_kernel[(ents.n_groups * n_sub,)](
+        q, k, v, dout, dk, dv, lse2, delta, layout.row_pos, layout.blk_start, layout.blk_len,
+        ents.ent, ents.grp_off, scale, scale * LOG2E, hq, hkv, topk, layout.block_size, d, n_sub,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PRECISION=precision, num_warps=warps,
+        num_stages=stages)
 
 
 def moba_backward_triton(q, k, v, out, lse, dout, layout: BlockLayout, sel, topk: int,
@@ -311,12 +335,8 @@ def moba_backward_triton(q, k, v, out, lse, dout, layout: BlockLayout, sel, topk
 
     dk = _empty_like(k)
     dv = _empty_like(v)
-    bm, bn, warps, stages = _config("dkdv", block_d)
-    _dkdv_kernel[(ents.n_groups, triton.cdiv(layout.width, bn))](
-        q, k, v, dout, dk, dv, lse2, delta, layout.row_pos, layout.blk_start, layout.blk_len,
-        ents.ent, ents.grp_off, scale, scale * LOG2E, hq, hkv, topk, layout.block_size, d,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PRECISION=precision, num_warps=warps,
-        num_stages=stages)
+    _launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, topk, scale, block_d,
+                 precision)
 
     if not deterministic:
         dq = torch.zeros(total_q, hq, d, dtype=torch.float32, device=dev)

@@ -29,6 +29,7 @@ if _gate_precision not in _PRECISIONS:
     raise ValueError(f"MOBA_GATE_PRECISION must be one of {_PRECISIONS}, got {_gate_precision!r}")
 
 POISON = False  # debugging/tests: fill outputs with garbage before the kernels write them
+GATE_TILE: tuple[int, int, int] | None = None  # (BM, BN, num_warps) override, for tuning
 MAX_GATE_SLOTS = 256  # k-1 above this uses the torch gate (the running set lives in registers)
 
 
@@ -184,6 +185,8 @@ def select_blocks_triton(q: torch.Tensor, centroids: torch.Tensor, layout: Block
         bm = 64 if kp <= 64 else 32
         bn = 32 if d <= 128 else 16
         warps = 4
+        if GATE_TILE is not None:
+            bm, bn, warps = GATE_TILE
     grid = (triton.cdiv(total_q, bm), hq)
     _gate_topk_kernel[grid](
         q, centroids, layout.row_own, layout.row_first, sel, total_q, k1,
@@ -201,6 +204,10 @@ def gate_triton(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int
 
 
 __all__ = [
-    "block_centroids_triton", "select_blocks_triton", "gate_triton", "gate_supported",
-    "set_gate_precision", "get_gate_precision",
+    "block_centroids_triton",
+    "gate_supported",
+    "gate_triton",
+    "get_gate_precision",
+    "select_blocks_triton",
+    "set_gate_precision",
 ]
