@@ -120,3 +120,19 @@ def test_default_scale_and_custom_scale():
     assert (a - c).abs().max() > 1e-3
     ref = _varlen(q, k, v, cu_q, cu_k, backend="naive", softmax_scale=0.5)
     torch.testing.assert_close(c, ref)
+
+
+def test_public_function_compiles_fullgraph_and_matches_eager():
+    q, k, v, cu_q, cu_k = packed_inputs([90, 40], [90, 40], 4, 2, 16, grad=True)
+
+    def f(q, k, v):
+        return moba_attn_varlen_func(q, k, v, cu_q, cu_k, 90, 90, block_size=16, topk=3,
+                                     backend="torch")
+
+    eager = f(q, k, v)
+    g_eager = torch.autograd.grad(eager.square().sum(), (q, k, v))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    g_comp = torch.autograd.grad(compiled.square().sum(), (q, k, v))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b)

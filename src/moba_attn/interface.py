@@ -182,6 +182,8 @@ def moba_attn_varlen_func(
         softmax_scale: defaults to ``D ** -0.5``.
         return_lse: also return ``lse [Hq, total_q]`` (fp32, natural log, over attended keys).
         deterministic: bit-identical results run to run (matters for GPU backward passes).
+            Under ``torch.compile`` the call goes through the ``moba_attn::varlen_fwd/bwd``
+            custom ops (``fullgraph=True`` works; ``cu_seqlens`` values are not re-checked).
         validate: check the values of ``cu_seqlens_*`` (a device-to-host copy on GPUs); set to
             False only when you built them yourself. Shape, dtype and device checks always run.
         backend: ``"auto"`` (Triton on CUDA when available, else torch), ``"torch"``,
@@ -194,12 +196,21 @@ def moba_attn_varlen_func(
         TypeError / ValueError with the fix in the message for bad shapes, dtypes, devices,
         ``cu_seqlens``, ``block_size``, ``topk`` or ``Tq > Tk``.
     """
+    compiling = torch.compiler.is_compiling()
+    # value checks copy cu_seqlens to the host, which would break a compiled graph
     validate_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                    block_size, topk, validate)
+                    block_size, topk, validate and not compiling)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     name = resolve_backend(backend, q.device)
-    out, lse = _run_backend(name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                            max_seqlen_k, block_size, topk, scale, deterministic)
+    if compiling and name != "naive":  # opaque custom ops: torch.compile(fullgraph=True)
+        from .ops.custom_op import moba_attn_varlen_op
+
+        out, lse = moba_attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size=block_size,
+                                       topk=topk, softmax_scale=scale,
+                                       deterministic=deterministic, backend=name)
+    else:
+        out, lse = _run_backend(name, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                max_seqlen_k, block_size, topk, scale, deterministic)
     return (out, lse) if return_lse else out
 
 
