@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on a CUDA machine: GPU tests, a memcheck pass, then the benchmark settings.
-# Each step has its own time limit; logs and results go under $OUT (default ./gpu_out).
+# Each step has its own time limit; logs and results are packed into $OUT/suite.tgz (default ./gpu_out).
 #   COMMIT=<sha> bash benchmarks/gpu_suite.sh
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-step() { echo "=== $(date -u +%H:%M:%S) $*"; }
+FINAL=${OUT:-gpu_out}
+OUT=$(mktemp -d)/suite  # everything is written here and packed into $FINAL/suite.tgz after each step
+mkdir -p "$OUT" "$FINAL"
+step() { tar czf "$FINAL/suite.tgz" -C "$(dirname "$OUT")" suite; echo "=== $(date -u +%H:%M:%S) $*"; }
 {
   echo "commit ${COMMIT:-unknown}, $(date -u +%Y-%m-%d)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

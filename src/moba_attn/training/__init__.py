@@ -6,7 +6,16 @@ Needs the ``hf`` extra (transformers). MoBA enters the models only through
 
 from .config import PRESETS, Preset, TrainConfig
 
-__all__ = ["PRESETS", "Preset", "TrainConfig", "train", "run_compare", "run_eval", "run_viz", "load_run"]
+__all__ = [
+    "PRESETS",
+    "Preset",
+    "TrainConfig",
+    "load_run",
+    "run_compare",
+    "run_eval",
+    "run_viz",
+    "train",
+]
 
 
 def __getattr__(name):  # heavy imports (transformers, matplotlib) only when used

@@ -35,7 +35,9 @@ def parse_variants(spec: str, base_seed: int) -> list[tuple[str, str, int]]:
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
         name, _, seed = item.partition("@")
         if name not in VARIANTS:
-            raise ValueError(f"unknown variant {name!r}: choose from {VARIANTS} (optionally NAME@SEED)")
+            raise ValueError(
+                f"unknown variant {name!r}: choose from {VARIANTS} (optionally NAME@SEED)"
+            )
         s = int(seed) if seed else base_seed
         out.append((name if s == base_seed else f"{name}@{s}", name, s))
     labels = [o[0] for o in out]
@@ -56,9 +58,18 @@ def variant_config(base: TrainConfig, variant: str, seed: int) -> TrainConfig:
     return replace(base, attn="moba", full_attn_layers=tuple(layers), seed=seed)
 
 
-def run_compare(base: TrainConfig, out: str | Path, *, variants: str = DEFAULT_VARIANTS,
-                fresh: bool = False, time_limit_s: float | None = None, progress: bool = True,
-                eval_seqs: int = 32, eval_samples: int = 16, log=print) -> dict:
+def run_compare(
+    base: TrainConfig,
+    out: str | Path,
+    *,
+    variants: str = DEFAULT_VARIANTS,
+    fresh: bool = False,
+    time_limit_s: float | None = None,
+    progress: bool = True,
+    eval_seqs: int = 32,
+    eval_samples: int = 16,
+    log=print,
+) -> dict:
     """Train the variants round-robin, then evaluate them and write the combined report.
 
     Writes ``out/<variant>/`` (each a normal ``moba train`` run directory), ``out/compare.png``
@@ -68,7 +79,7 @@ def run_compare(base: TrainConfig, out: str | Path, *, variants: str = DEFAULT_V
     out.mkdir(parents=True, exist_ok=True)
     base = base.resolved()
     specs = parse_variants(variants, base.seed)
-    corpus = load_corpus(base.data, base.tokenizer)
+    corpus = load_corpus(base.data, base.tokenizer, base.corpus)
     if fresh:
         for label, _, _ in specs:
             ck = out / label / "checkpoint.pt"
@@ -77,13 +88,20 @@ def run_compare(base: TrainConfig, out: str | Path, *, variants: str = DEFAULT_V
             mc = out / label / "metrics.csv"
             if mc.exists():
                 mc.unlink()
-    runs = [Run(variant_config(base, v, s), out / label, resume=True, label=label, corpus=corpus)
-            for label, v, s in specs]
-    log(f"[moba compare] {len(runs)} variants, {describe(base)}; {runs[0].n_params / 1e6:.1f}M params each, "
+    runs = [
+        Run(variant_config(base, v, s), out / label, resume=True, label=label, corpus=corpus)
+        for label, v, s in specs
+    ]
+    log(
+        f"[moba compare] {len(runs)} variants, {_describe_base(base)}; {runs[0].n_params / 1e6:.1f}M params each, "
         f"{base.steps} steps x {base.batch_size} x {base.seq_len} = {base.steps * base.batch_size * base.seq_len:,} "
-        f"tokens each, on {runs[0].device}; {corpus.describe()}")
+        f"tokens each, on {runs[0].device}; {corpus.describe()}"
+    )
     for r in runs:
-        log(f"  {r.label:>14}: {describe(r.cfg)}" + (f" (resuming at step {r.step_no})" if r.step_no else ""))
+        log(
+            f"  {r.label:>14}: {describe(r.cfg)}"
+            + (f" (resuming at step {r.step_no})" if r.step_no else "")
+        )
     start = time.perf_counter()
     done_steps = min(r.step_no for r in runs)
     bar = _bar(total=base.steps, initial=done_steps, desc="compare", enabled=progress)
@@ -96,7 +114,11 @@ def run_compare(base: TrainConfig, out: str | Path, *, variants: str = DEFAULT_V
                     r.step()
             bar.update(1)
             bar.set_postfix({r.label: r.rows[-1]["loss"] for r in runs if r.rows})
-            if time_limit_s is not None and time.perf_counter() - start > time_limit_s and not all(r.done for r in runs):
+            if (
+                time_limit_s is not None
+                and time.perf_counter() - start > time_limit_s
+                and not all(r.done for r in runs)
+            ):
                 stopped = True
                 break
     finally:
@@ -106,26 +128,46 @@ def run_compare(base: TrainConfig, out: str | Path, *, variants: str = DEFAULT_V
         r.close()
     from .plots import plot_loss_curves
 
-    plot_loss_curves({r.label: r.rows for r in runs}, out / "compare.png",
-                     switch_tokens={r.label: r.switch_tokens() for r in runs if r.switch_tokens()},
-                     title=f"{describe(base).replace('attn=' + base.attn, 'variants')}")
+    plot_loss_curves(
+        {r.label: r.rows for r in runs},
+        out / "compare.png",
+        switch_tokens={r.label: r.switch_tokens() for r in runs if r.switch_tokens()},
+        title=_describe_base(base),
+    )
     if stopped:
         step = min(r.step_no for r in runs)
-        log(f"[moba compare] time limit reached at step {step}/{base.steps}; rerun the same command to "
-            "continue (checkpoints saved); evaluation runs when all variants finish")
+        log(
+            f"[moba compare] time limit reached at step {step}/{base.steps}; rerun the same command to "
+            "continue (checkpoints saved); evaluation runs when all variants finish"
+        )
         _write_summary(out, runs, summaries, None, base)
         return {"complete": False, "step": step, "summaries": summaries}
     del runs
     _free_device_memory()
     from .evaluate import print_tables, run_eval
 
-    results, _ = run_eval([out / label for label, _, _ in specs], out=out / "eval", n_seqs=eval_seqs,
-                          samples=eval_samples, show=False)
+    results, _ = run_eval(
+        [out / label for label, _, _ in specs],
+        out=out / "eval",
+        n_seqs=eval_seqs,
+        samples=eval_samples,
+        show=False,
+    )
     results = dict(zip([label for label, _, _ in specs], results.values()))
     print_tables(results)
     table = _write_summary(out, None, summaries, results, base)
-    log(f"[moba compare] wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'compare.png'}, {out / 'eval'}")
+    log(
+        f"[moba compare] wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'compare.png'}, {out / 'eval'}"
+    )
     return {"complete": True, "table": table, "summaries": summaries}
+
+
+def _describe_base(base: TrainConfig) -> str:
+    p = PRESETS[base.preset]
+    return (
+        f"preset {base.preset} ({p.num_layers} layers), T={base.seq_len}, MoBA B={base.block_size} "
+        f"k={base.topk}"
+    )
 
 
 def _free_device_memory() -> None:
@@ -138,32 +180,61 @@ def _free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _write_summary(out: Path, runs, summaries: dict, results: dict | None, base: TrainConfig) -> list[dict]:
-    full_vals = [results[k]["loss"] for k in results if summaries[k]["attn"] == "full"] if results else []
+def _write_summary(
+    out: Path, runs, summaries: dict, results: dict | None, base: TrainConfig
+) -> list[dict]:
+    full_vals = (
+        [results[k]["loss"] for k in results if summaries[k]["attn"] == "full"] if results else []
+    )
     ref = float(np.mean(full_vals)) if full_vals else None
-    full_trail = [results[k]["trailing_loss"] for k in results if summaries[k]["attn"] == "full"] if results else []
+    full_trail = (
+        [results[k]["trailing_loss"] for k in results if summaries[k]["attn"] == "full"]
+        if results
+        else []
+    )
     ref_t = float(np.mean(full_trail)) if full_trail else None
     table = []
     for label, s in summaries.items():
         r = (results or {}).get(label, {})
         row = {
-            "variant": label, "attn": s["attn"], "full_attn_layers": " ".join(map(str, s["full_attn_layers"])),
-            "seed": s["seed"], "steps": s["step"], "tokens_seen": s["tokens_seen"],
-            "final_train_loss": s["final_train_loss"], "heldout_loss": r.get("loss", s["final_val_loss"]),
-            "trailing_loss": r.get("trailing_loss"), "retrieval_acc": (r.get("retrieval") or {}).get("mean"),
-            "eval_attn": r.get("attn_used"), "sparsity": s["sparsity"], "tokens_per_s": s["tokens_per_s"],
-            "tokens_per_s_moba": s["tokens_per_s_moba"], "train_time_s": s["train_time_s"],
+            "variant": label,
+            "attn": s["attn"],
+            "full_attn_layers": " ".join(map(str, s["full_attn_layers"])),
+            "seed": s["seed"],
+            "steps": s["step"],
+            "tokens_seen": s["tokens_seen"],
+            "final_train_loss": s["final_train_loss"],
+            "heldout_loss": r.get("loss", s["final_val_loss"]),
+            "trailing_loss": r.get("trailing_loss"),
+            "retrieval_acc": (r.get("retrieval") or {}).get("mean"),
+            "eval_attn": r.get("attn_used"),
+            "sparsity": s["sparsity"],
+            "tokens_per_s": s["tokens_per_s"],
+            "tokens_per_s_moba": s["tokens_per_s_moba"],
+            "train_time_s": s["train_time_s"],
         }
-        row["heldout_vs_full_pct"] = (100 * (row["heldout_loss"] / ref - 1)) if ref and row["heldout_loss"] else None
-        row["trailing_vs_full_pct"] = (100 * (row["trailing_loss"] / ref_t - 1)) if ref_t and row["trailing_loss"] else None
+        row["heldout_vs_full_pct"] = (
+            (100 * (row["heldout_loss"] / ref - 1)) if ref and row["heldout_loss"] else None
+        )
+        row["trailing_vs_full_pct"] = (
+            (100 * (row["trailing_loss"] / ref_t - 1)) if ref_t and row["trailing_loss"] else None
+        )
         table.append(row)
     with open(out / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
-    (out / "summary.json").write_text(json.dumps({"config": base.to_json(), "rows": table,
-                                                   "moba_layer_sparsity": moba_sparsity(base.seq_len, base.block_size, base.topk)},
-                                                  indent=2) + "\n")
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "config": base.to_json(),
+                "rows": table,
+                "moba_layer_sparsity": moba_sparsity(base.seq_len, base.block_size, base.topk),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (out / "summary.md").write_text(summary_markdown(table, base, results is not None))
     return table
 
@@ -179,14 +250,20 @@ def _pct(v):
 def summary_markdown(table: list[dict], base: TrainConfig, evaluated: bool) -> str:
     sp = moba_sparsity(base.seq_len, base.block_size, base.topk)
     lines = [
-        f"# moba compare: {describe(base).replace('attn=' + base.attn, 'variants')}", "",
-        f"Same data stream and token budget for every variant ({base.steps} steps x {base.batch_size} x "
-        f"{base.seq_len} tokens); MoBA block {base.block_size}, topk {base.topk}: per-layer sparsity "
-        f"{sp['nominal']:.1%} nominal (1 - k/#blocks), {sp['causal']:.1%} of the causal attention work.",
-        "Held-out and trailing-token losses (last 1/8 of the context) from `moba eval` in each variant's "
-        "final attention mode; retrieval = exact-match needle accuracy averaged over lengths and depths;"
-        " sparsity = share of causal attention work skipped, averaged over layers and steps." if evaluated else
-        "Training incomplete: held-out loss is the last periodic evaluation; rerun to finish and evaluate.",
+        f"# moba compare: {_describe_base(base)}",
+        "",
+        (
+            f"Same data stream and token budget for every variant ({base.steps} steps x {base.batch_size} x "
+            f"{base.seq_len} tokens); MoBA block {base.block_size}, topk {base.topk}: per-layer sparsity "
+            f"{sp['nominal']:.1%} nominal (1 - k/#blocks), {sp['causal']:.1%} of the causal attention work."
+        ),
+        (
+            "Held-out and trailing-token losses (last 1/8 of the context) from `moba eval` in each variant's "
+            "final attention mode; retrieval = exact-match needle accuracy averaged over lengths and depths; "
+            "sparsity = share of causal attention work skipped, averaged over layers and steps."
+            if evaluated
+            else "Training incomplete: held-out loss is the last periodic evaluation; rerun to finish and evaluate."
+        ),
         "",
         "| variant | seed | tokens | held-out loss | vs full | trailing loss | vs full | retrieval | sparsity | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -196,10 +273,17 @@ def summary_markdown(table: list[dict], base: TrainConfig, evaluated: bool) -> s
             f"| {r['variant']} | {r['seed']} | {r['tokens_seen']:,} | {_f(r['heldout_loss'], '.4f')} | "
             f"{_pct(r['heldout_vs_full_pct'])} | {_f(r['trailing_loss'], '.4f')} | "
             f"{_pct(r['trailing_vs_full_pct'])} | {_f(r['retrieval_acc'], '.2f')} | "
-            f"{_f(r['sparsity'], '.1%')} | {_f(r['tokens_per_s'], ',.0f')} |")
+            f"{_f(r['sparsity'], '.1%')} | {_f(r['tokens_per_s'], ',.0f')} |"
+        )
     fulls = [r for r in table if r["attn"] == "full" and r["heldout_loss"] is not None]
     if len(fulls) > 1:
         v = [r["heldout_loss"] for r in fulls]
-        lines += ["", f"Seed spread of full attention (held-out): {max(v) - min(v):.4f} "
-                      f"({100 * (max(v) - min(v)) / np.mean(v):.2f}% of the mean)."]
+        spread = max(v) - min(v)
+        lines += [
+            "",
+            (
+                f"Seed spread of full attention (held-out): {spread:.4f} "
+                f"({100 * spread / np.mean(v):.2f}% of the mean)."
+            ),
+        ]
     return "\n".join(lines) + "\n"

@@ -32,17 +32,59 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # ~0.8M params; 200 steps of 8 x 512 bytes take about 2 minutes on a 2-core CPU.
-    "tiny": Preset("tiny", 128, 4, 4, 2, 384, seq_len=512, batch_size=8, steps=200, lr=2e-3,
-                   block_size=64, topk=3, layer_hybrid_full=(-1,), eval_every=50,
-                   note="CPU smoke runs"),
+    "tiny": Preset(
+        "tiny",
+        128,
+        4,
+        4,
+        2,
+        384,
+        seq_len=512,
+        batch_size=8,
+        steps=200,
+        lr=2e-3,
+        block_size=64,
+        topk=3,
+        layer_hybrid_full=(-1,),
+        eval_every=50,
+        note="CPU smoke runs",
+    ),
     # ~52M params, 8K context, block 512 / topk 3 (the paper's 8K setting, 81% nominal sparsity).
-    "small": Preset("small", 640, 12, 10, 2, 1728, seq_len=8192, batch_size=8, steps=2000,
-                    lr=1e-3, block_size=512, topk=3, layer_hybrid_full=(-2, -1), eval_every=100,
-                    note="GPU, ~50M params, 8K context"),
+    "small": Preset(
+        "small",
+        640,
+        12,
+        10,
+        2,
+        1728,
+        seq_len=8192,
+        batch_size=8,
+        steps=2000,
+        lr=1e-3,
+        block_size=512,
+        topk=3,
+        layer_hybrid_full=(-2, -1),
+        eval_every=100,
+        note="GPU, ~50M params, 8K context",
+    ),
     # ~150M params, 32K context, block 2048 / topk 3 (the paper's 32K setting).
-    "medium": Preset("medium", 1024, 14, 16, 4, 2816, seq_len=32768, batch_size=2, steps=2000,
-                     lr=6e-4, block_size=2048, topk=3, layer_hybrid_full=(-2, -1), eval_every=100,
-                     note="GPU, ~150M params, 32K context"),
+    "medium": Preset(
+        "medium",
+        1024,
+        14,
+        16,
+        4,
+        2816,
+        seq_len=32768,
+        batch_size=2,
+        steps=2000,
+        lr=6e-4,
+        block_size=2048,
+        topk=3,
+        layer_hybrid_full=(-2, -1),
+        eval_every=100,
+        note="GPU, ~150M params, 32K context",
+    ),
 }
 
 
@@ -69,7 +111,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
-    data: tuple[str, ...] = ()  # text files / directories; empty = Python stdlib sources
+    data: tuple[str, ...] = ()  # text files / directories; empty = the embedded corpus
+    corpus: str = "stdlib"  # embedded corpus: stdlib | python (stdlib + site-packages sources)
     tokenizer: str | None = None  # local tokenizer directory; None = raw bytes (vocab 256)
     retrieval_frac: float = 0.25  # share of training sequences carrying the retrieval task
     eval_every: int | None = None
@@ -80,7 +123,7 @@ class TrainConfig:
     device: str = "auto"
     extra: dict = field(default_factory=dict)
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with every preset-dependent ``None`` filled in, validated."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}: choose one of {sorted(PRESETS)}")
@@ -101,6 +144,8 @@ class TrainConfig:
         )
         if c.warmup is None:
             c = replace(c, warmup=max(10, c.steps // 20) if c.steps > 20 else 0)
+        if c.corpus not in ("stdlib", "python"):
+            raise ValueError(f"corpus must be 'stdlib' or 'python', got {c.corpus!r}")
         if not 0.0 <= c.switch_at <= 1.0:
             raise ValueError(f"switch_at must be in [0, 1], got {c.switch_at}")
         if not 0.0 <= c.retrieval_frac <= 1.0:
@@ -118,7 +163,7 @@ class TrainConfig:
     def switch_step(self) -> int:
         """First step that runs with full attention (hybrid); ``steps`` for pure MoBA."""
         if self.attn == "hybrid":
-            return int(round(self.switch_at * self.steps))
+            return round(self.switch_at * self.steps)
         return 0 if self.attn == "full" else self.steps
 
     def mode_at(self, step: int) -> str:
@@ -126,7 +171,11 @@ class TrainConfig:
         return "moba" if step < self.switch_step else "full"
 
     def final_mode(self) -> str:
-        return "full" if self.attn == "full" or (self.attn == "hybrid" and self.switch_step < self.steps) else "moba"
+        return (
+            "full"
+            if self.attn == "full" or (self.attn == "hybrid" and self.switch_step < self.steps)
+            else "moba"
+        )
 
     def full_layer_ids(self) -> list[int]:
         n = PRESETS[self.preset].num_layers
@@ -139,7 +188,7 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_json(cls, d: dict) -> "TrainConfig":
+    def from_json(cls, d: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["full_attn_layers"] = tuple(d.get("full_attn_layers", ()))
@@ -150,5 +199,5 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "TrainConfig":
+    def load(cls, path: Path) -> TrainConfig:
         return cls.from_json(json.loads(Path(path).read_text()))

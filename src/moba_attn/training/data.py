@@ -17,8 +17,27 @@ import numpy as np
 import torch
 
 HELDOUT_FRAC = 0.03  # share of documents (by a hash of their path) kept for evaluation
-TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".c", ".h", ".cpp", ".rs", ".go",
-                 ".js", ".ts", ".java", ".tex", ".html", ".csv", ".yaml", ".yml", ".toml")
+TEXT_SUFFIXES = (
+    ".py",
+    ".txt",
+    ".md",
+    ".rst",
+    ".json",
+    ".c",
+    ".h",
+    ".cpp",
+    ".rs",
+    ".go",
+    ".js",
+    ".ts",
+    ".java",
+    ".tex",
+    ".html",
+    ".csv",
+    ".yaml",
+    ".yml",
+    ".toml",
+)
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 
@@ -48,20 +67,49 @@ class RetrievalTask:
         return f"\n<kv {key}="
 
     def draw_pairs(self, rng: np.random.Generator, n: int) -> list[tuple[str, str]]:
-        keys = rng.choice(10 ** self.key_digits, size=n, replace=False)
-        vals = rng.integers(0, 10 ** self.value_digits, size=n)
-        return [(f"{k:0{self.key_digits}d}", f"{v:0{self.value_digits}d}") for k, v in zip(keys, vals)]
+        keys = rng.choice(10**self.key_digits, size=n, replace=False)
+        vals = rng.integers(0, 10**self.value_digits, size=n)
+        return [
+            (f"{k:0{self.key_digits}d}", f"{v:0{self.value_digits}d}") for k, v in zip(keys, vals)
+        ]
 
 
 TASK = RetrievalTask()
 
 
 # ----------------------------------------------------------------------------- corpus
-def stdlib_files() -> tuple[Path, list[Path]]:
-    """The ``.py`` files of the running Python's standard library (site-packages excluded)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts)]
-    return root, sorted(files)
+CORPORA = ("stdlib", "python")
+
+
+def python_files(corpus: str = "stdlib") -> list[tuple[Path, str]]:
+    """``(file, name used for the split)`` of the embedded corpus.
+
+    ``stdlib``: the ``.py`` files of the running Python's standard library (~31 MB on 3.11).
+    ``python``: those plus every ``.py`` file in site-packages (torch, transformers, ... :
+    several times larger; depends on what is installed).
+    """
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+    paths = sysconfig.get_paths()
+    root = Path(paths["stdlib"])
+    out = [
+        (p, str(p.relative_to(root)))
+        for p in sorted(root.rglob("*.py"))
+        if not _SKIP_DIRS.intersection(p.relative_to(root).parts)
+    ]
+    if corpus == "python":
+        seen = set()
+        for key in ("purelib", "platlib"):
+            site = Path(paths[key])
+            if site in seen or not site.is_dir():
+                continue
+            seen.add(site)
+            out += [
+                (p, "site/" + str(p.relative_to(site)))
+                for p in sorted(site.rglob("*.py"))
+                if "__pycache__" not in p.parts
+            ]
+    return out
 
 
 def user_files(paths: tuple[str, ...]) -> list[tuple[Path, str]]:
@@ -70,7 +118,11 @@ def user_files(paths: tuple[str, ...]) -> list[tuple[Path, str]]:
     for p in map(Path, paths):
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES and not _SKIP_DIRS.intersection(f.parts):
+                if (
+                    f.is_file()
+                    and f.suffix.lower() in TEXT_SUFFIXES
+                    and not _SKIP_DIRS.intersection(f.parts)
+                ):
                     out.append((f, str(f.relative_to(p))))
         elif p.is_file():
             out.append((p, p.name))
@@ -94,14 +146,23 @@ class Corpus:
     by its EOS token.
     """
 
-    def __init__(self, data: tuple[str, ...] = (), tokenizer: str | None = None,
-                 heldout_frac: float = HELDOUT_FRAC):
+    def __init__(
+        self,
+        data: tuple[str, ...] = (),
+        tokenizer: str | None = None,
+        corpus: str = "stdlib",
+        heldout_frac: float = HELDOUT_FRAC,
+    ):
         self.tokenizer = None
         if tokenizer:
             try:
                 from transformers import AutoTokenizer
-            except ImportError as e:  # pragma: no cover - transformers is needed for training anyway
-                raise ImportError("--tokenizer needs transformers: pip install 'moba-attn[hf]'") from e
+            except (
+                ImportError
+            ) as e:  # pragma: no cover - transformers is needed for training anyway
+                raise ImportError(
+                    "--tokenizer needs transformers: pip install 'moba-attn[hf]'"
+                ) from e
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
             self.vocab_size = len(self.tokenizer)
             sep = self.tokenizer.eos_token_id
@@ -112,9 +173,13 @@ class Corpus:
             docs = user_files(data)
             self.source = "files: " + ", ".join(data)
         else:
-            root, files = stdlib_files()
-            docs = [(f, str(f.relative_to(root))) for f in files]
-            self.source = f"python stdlib sources ({root})"
+            docs = python_files(corpus)
+            where = sysconfig.get_paths()["stdlib"]
+            self.source = (
+                f"python stdlib sources ({where})"
+                if corpus == "stdlib"
+                else f"python stdlib + site-packages sources ({where})"
+            )
         train, held = [], []
         for f, name in docs:
             ids = self._encode_doc(f.read_bytes())
@@ -125,11 +190,17 @@ class Corpus:
         sep = np.array([self.sep_id], dtype=dtype)
 
         def pack(parts):
-            return np.concatenate([x for d in parts for x in (d.astype(dtype), sep)]) if parts else np.zeros(0, dtype)
+            return (
+                np.concatenate([x for d in parts for x in (d.astype(dtype), sep)])
+                if parts
+                else np.zeros(0, dtype)
+            )
 
         self.train, self.heldout = pack(train), pack(held)
         # Too few documents for a split by file: hold out the tail of the stream instead.
-        if len(self.heldout) < 0.5 * heldout_frac * (len(self.train) + len(self.heldout)) or not len(self.train):
+        if len(self.heldout) < 0.5 * heldout_frac * (
+            len(self.train) + len(self.heldout)
+        ) or not len(self.train):
             whole = np.concatenate([self.train, self.heldout])
             cut = int(len(whole) * (1 - max(heldout_frac, 0.05)))
             self.train, self.heldout = whole[:cut], whole[cut:]
@@ -154,18 +225,21 @@ class Corpus:
 
     def describe(self) -> str:
         unit = "bytes" if self.tokenizer is None else "tokens"
-        return (f"{self.source}: {len(self.train):,} train / {len(self.heldout):,} held-out {unit} "
-                f"({self.n_docs[0]} / {self.n_docs[1]} documents), vocab {self.vocab_size}")
+        return (
+            f"{self.source}: {len(self.train):,} train / {len(self.heldout):,} held-out {unit} "
+            f"({self.n_docs[0]} / {self.n_docs[1]} documents), vocab {self.vocab_size}"
+        )
 
     # ---- windows and batches
     def _window(self, stream: np.ndarray, start: int, length: int) -> np.ndarray:
         if len(stream) <= length:
             reps = length // max(len(stream), 1) + 2
             stream = np.tile(stream, reps)
-        return stream[start:start + length].astype(np.int64)
+        return stream[start : start + length].astype(np.int64)
 
-    def train_batch(self, step: int, batch_size: int, seq_len: int, seed: int,
-                    retrieval_frac: float) -> torch.Tensor:
+    def train_batch(
+        self, step: int, batch_size: int, seq_len: int, seed: int, retrieval_frac: float
+    ) -> torch.Tensor:
         """``[batch_size, seq_len]`` int64 training tokens for ``step``; a function of
         (seed, step) only. Each row carries the retrieval task with probability ``retrieval_frac``."""
         rng = np.random.default_rng([seed, step, 0x6D6F6261])
@@ -173,7 +247,10 @@ class Corpus:
         rows = []
         for _ in range(batch_size):
             x = self._window(self.train, int(rng.integers(0, hi)), seq_len)
-            if rng.random() < retrieval_frac:
+            if (
+                rng.random() < retrieval_frac
+                and self._retrieval_len(TASK, 1, False) <= seq_len // 2
+            ):
                 x = self.insert_retrieval(x, rng)[0]
             rows.append(x)
         return torch.from_numpy(np.stack(rows))
@@ -182,12 +259,31 @@ class Corpus:
         """``[n, seq_len]`` held-out windows at fixed, evenly spread offsets (plain text only)."""
         hi = max(len(self.heldout) - seq_len, 1)
         starts = np.linspace(0, hi - 1, n).astype(np.int64) if n > 1 else np.array([0])
-        return torch.from_numpy(np.stack([self._window(self.heldout, int(s), seq_len) for s in starts]))
+        return torch.from_numpy(
+            np.stack([self._window(self.heldout, int(s), seq_len) for s in starts])
+        )
 
     # ---- retrieval
-    def insert_retrieval(self, x: np.ndarray, rng: np.random.Generator, *, depths=None,
-                         needle: int | None = None, task: RetrievalTask = TASK):
+    def _retrieval_len(self, task: RetrievalTask, n: int, one_query: bool) -> int:
+        """Tokens the task adds with ``n`` records (upper bound over keys/values)."""
+        key, val = "9" * task.key_digits, "9" * task.value_digits
+        rec = len(self.encode(task.record(key, val)))
+        qa = len(self.encode(task.query(key) + val + ">"))
+        return n * rec + (1 if one_query else n) * qa + 1
+
+    def insert_retrieval(
+        self,
+        x: np.ndarray,
+        rng: np.random.Generator,
+        *,
+        depths=None,
+        needle: int | None = None,
+        task: RetrievalTask = TASK,
+    ):
         """Hide ``task.n_pairs`` records in ``x`` and query them at the end; same length as ``x``.
+
+        Sequences too short for all records get fewer (the task never takes more than half of
+        ``x``); ``ValueError`` when not even one fits.
 
         ``depths`` (fractions of the body, one per record) default to uniform in
         ``[0, task.max_depth]``. With ``needle=i`` only record ``i`` is queried (evaluation);
@@ -196,10 +292,16 @@ class Corpus:
         token of every record.
         """
         seq_len = len(x)
-        pairs = task.draw_pairs(rng, task.n_pairs)
+        n = task.n_pairs
+        while n > 0 and self._retrieval_len(task, n, needle is not None) > seq_len // 2:
+            n -= 1  # short sequences carry fewer records: at least half stays filler text
+        if n == 0:
+            raise ValueError(f"seq_len {seq_len} is too short for the retrieval task")
+        pairs = task.draw_pairs(rng, n)
         if depths is None:
-            depths = rng.uniform(0.0, task.max_depth, size=len(pairs))
-        order = [needle] if needle is not None else list(rng.permutation(len(pairs)))
+            depths = rng.uniform(0.0, task.max_depth, size=n)
+        depths = list(depths)[:n]
+        order = [needle] if needle is not None else list(rng.permutation(n))
         tail, answers = [], []
         for i in order:
             key, val = pairs[i]
@@ -213,8 +315,6 @@ class Corpus:
         recs = [self.encode(task.record(k, v)) for k, v in pairs]
         body_len = seq_len - len(tail)
         filler_len = body_len - sum(map(len, recs))
-        if filler_len < 0:
-            raise ValueError(f"seq_len {seq_len} is too short for the retrieval task")
         # Record i goes after filler token depth * filler_len, keeping the depth's proportion.
         at = sorted((int(d * filler_len), i) for i, d in enumerate(depths))
         parts, pos, starts = [], 0, [0] * len(recs)
@@ -232,6 +332,8 @@ class Corpus:
 
 
 @lru_cache(maxsize=4)
-def load_corpus(data: tuple[str, ...] = (), tokenizer: str | None = None) -> Corpus:
+def load_corpus(
+    data: tuple[str, ...] = (), tokenizer: str | None = None, corpus: str = "stdlib"
+) -> Corpus:
     """Cached :class:`Corpus` (building it reads every file once)."""
-    return Corpus(tuple(data), tokenizer)
+    return Corpus(tuple(data), tokenizer, corpus)

@@ -4,6 +4,7 @@ retrieval at several context lengths and depths, for one or more checkpoints sid
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def token_losses(run: LoadedRun, x: torch.Tensor, batch_size: int) -> torch.Tens
     """Per-token next-token loss ``[n, T-1]`` (fp32) of ``x [n, T]``; entry t predicts token t+1."""
     out = []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(run.device)
+        xb = x[i : i + batch_size].to(run.device)
         with autocast_for(run.device, run.cfg.dtype):
             logits = run.model(input_ids=xb).logits
         logits = logits[:, :-1].float()
@@ -35,8 +36,14 @@ def token_losses(run: LoadedRun, x: torch.Tensor, batch_size: int) -> torch.Tens
     return torch.cat(out)
 
 
-def position_loss(run: LoadedRun, *, seq_len: int | None = None, n_seqs: int = 32,
-                  n_buckets: int = 8, batch_size: int | None = None) -> dict:
+def position_loss(
+    run: LoadedRun,
+    *,
+    seq_len: int | None = None,
+    n_seqs: int = 32,
+    n_buckets: int = 8,
+    batch_size: int | None = None,
+) -> dict:
     """Mean held-out loss overall, of the trailing tokens, and per position bucket."""
     T = seq_len or run.cfg.seq_len
     bs = batch_size or max(1, run.cfg.batch_size * run.cfg.seq_len // T)
@@ -45,19 +52,31 @@ def position_loss(run: LoadedRun, *, seq_len: int | None = None, n_seqs: int = 3
     pos = np.arange(1, T)
     edges = np.linspace(0, T, n_buckets + 1).astype(int)
     buckets = []
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in itertools.pairwise(edges):
         m = (pos >= a) & (pos < b)
         if m.any():
-            buckets.append({"start": int(a), "end": int(b), "loss": float(per_pos[m].mean())})
-    trail = pos >= int(round(T * (1 - TRAILING_FRAC)))
-    return {"seq_len": T, "n_seqs": n_seqs, "loss": float(per_pos.mean()),
-            "trailing_loss": float(per_pos[trail].mean()), "trailing_from": int(pos[trail][0]),
-            "buckets": buckets}
+            buckets.append({"start": a.item(), "end": b.item(), "loss": float(per_pos[m].mean())})
+    trail = pos >= round(T * (1 - TRAILING_FRAC))
+    return {
+        "seq_len": T,
+        "n_seqs": n_seqs,
+        "loss": float(per_pos.mean()),
+        "trailing_loss": float(per_pos[trail].mean()),
+        "trailing_from": int(pos[trail][0]),
+        "buckets": buckets,
+    }
 
 
 @torch.no_grad()
-def retrieval_accuracy(run: LoadedRun, *, lengths=None, depths=DEFAULT_DEPTHS, samples: int = 16,
-                       seed: int = 0, batch_size: int | None = None) -> dict:
+def retrieval_accuracy(
+    run: LoadedRun,
+    *,
+    lengths=None,
+    depths=DEFAULT_DEPTHS,
+    samples: int = 16,
+    seed: int = 0,
+    batch_size: int | None = None,
+) -> dict:
     """Exact-match accuracy of the needle's value, per (context length, needle depth).
 
     Each sample: held-out text with ``TASK.n_pairs`` records (the needle at ``depth``, the
@@ -83,29 +102,51 @@ def retrieval_accuracy(run: LoadedRun, *, lengths=None, depths=DEFAULT_DEPTHS, s
             x = torch.from_numpy(np.stack(xs))
             hits = 0
             for k in range(0, samples, bs):
-                xb = x[k:k + bs].to(run.device)
+                xb = x[k : k + bs].to(run.device)
                 with autocast_for(run.device, run.cfg.dtype):
                     pred = run.model(input_ids=xb).logits.argmax(-1).cpu()
-                for r, (a0, a1) in enumerate(answers[k:k + bs]):
-                    hits += bool((pred[r, a0 - 1:a1 - 1] == x[k + r, a0:a1]).all())
+                for r, (a0, a1) in enumerate(answers[k : k + bs]):
+                    hits += bool((pred[r, a0 - 1 : a1 - 1] == x[k + r, a0:a1]).all())
             acc[i, j] = hits / samples
-    return {"lengths": lengths, "depths": depths, "samples": samples, "accuracy": acc.tolist(),
-            "mean": float(acc.mean())}
+    return {
+        "lengths": lengths,
+        "depths": depths,
+        "samples": samples,
+        "accuracy": acc.tolist(),
+        "mean": float(acc.mean()),
+    }
 
 
-def evaluate(run: LoadedRun, *, attn: str = "as-trained", n_seqs: int = 32, lengths=None,
-             depths=DEFAULT_DEPTHS, samples: int = 16, seq_len: int | None = None) -> dict:
+def evaluate(
+    run: LoadedRun,
+    *,
+    attn: str = "as-trained",
+    n_seqs: int = 32,
+    lengths=None,
+    depths=DEFAULT_DEPTHS,
+    samples: int = 16,
+    seq_len: int | None = None,
+) -> dict:
     mode = run.set_attn(attn)
-    res = {"label": run.label, "path": str(run.path), "step": run.step, "attn_used": mode,
-           "trained_attn": run.cfg.attn, "block_size": run.cfg.block_size, "topk": run.cfg.topk,
-           "full_attn_layers": list(run.cfg.full_attn_layers)}
+    res = {
+        "label": run.label,
+        "path": str(run.path),
+        "step": run.step,
+        "attn_used": mode,
+        "trained_attn": run.cfg.attn,
+        "block_size": run.cfg.block_size,
+        "topk": run.cfg.topk,
+        "full_attn_layers": list(run.cfg.full_attn_layers),
+    }
     res.update(position_loss(run, seq_len=seq_len, n_seqs=n_seqs))
     res["retrieval"] = retrieval_accuracy(run, lengths=lengths, depths=depths, samples=samples)
     return res
 
 
 def _labels(paths) -> list[str]:
-    names = [Path(p).resolve().name if Path(p).is_dir() else Path(p).resolve().parent.name for p in paths]
+    names = [
+        Path(p).resolve().name if Path(p).is_dir() else Path(p).resolve().parent.name for p in paths
+    ]
     if len(set(names)) < len(names):
         names = [f"{Path(p).resolve().parent.name}/{n}" for p, n in zip(paths, names)]
     return names
@@ -116,9 +157,13 @@ def write_results(results: dict[str, dict], out: Path) -> dict[str, Path]:
     from .plots import plot_position_loss, plot_retrieval_heatmaps
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "eval.json", "positions_csv": out / "position_loss.csv",
-             "retrieval_csv": out / "retrieval.csv", "positions_png": out / "position_loss.png",
-             "heatmap_png": out / "retrieval_heatmap.png"}
+    files = {
+        "json": out / "eval.json",
+        "positions_csv": out / "position_loss.csv",
+        "retrieval_csv": out / "retrieval.csv",
+        "positions_png": out / "position_loss.png",
+        "heatmap_png": out / "retrieval_heatmap.png",
+    }
     files["json"].write_text(json.dumps(results, indent=2) + "\n")
     with open(files["positions_csv"], "w", newline="") as f:
         w = csv.writer(f)
@@ -140,50 +185,84 @@ def write_results(results: dict[str, dict], out: Path) -> dict[str, Path]:
 
 
 def print_tables(results: dict[str, dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .tables import print_table
 
-    con = Console()
     first = next(iter(results.values()))
     ret = first["retrieval"]
-    t = Table(title=f"held-out loss (T={first['seq_len']}, {first['n_seqs']} sequences) and retrieval")
-    for c in ("checkpoint", "step", "attn", "loss", "trailing", "retrieval"):
-        t.add_column(c, justify="left" if c in ("checkpoint", "attn") else "right")
-    for label, r in results.items():
-        t.add_row(label, str(r["step"]), r["attn_used"], f"{r['loss']:.4f}", f"{r['trailing_loss']:.4f}",
-                  f"{r['retrieval']['mean']:.2f}")
-    con.print(t)
-    con.print(f"trailing = positions >= {first['trailing_from']} (last {TRAILING_FRAC:.3g} of the context); "
-              f"retrieval = exact match, mean over lengths {ret['lengths']} x depths {ret['depths']}, "
-              f"{ret['samples']} samples per cell")
-    t = Table(title="held-out loss by position bucket")
-    t.add_column("positions")
-    for label in results:
-        t.add_column(label, justify="right")
-    for i, b in enumerate(first["buckets"]):
-        t.add_row(f"{b['start']}-{b['end']}", *[f"{r['buckets'][i]['loss']:.4f}" for r in results.values()])
-    con.print(t)
-    t = Table(title="needle retrieval accuracy by context length (mean over depths)")
-    t.add_column("checkpoint")
-    for L in ret["lengths"]:
-        t.add_column(f"T={L}", justify="right")
-    for label, r in results.items():
-        acc = np.asarray(r["retrieval"]["accuracy"])
-        t.add_row(label, *[f"{a:.2f}" for a in acc.mean(1)])
-    con.print(t)
+    print_table(
+        f"held-out loss (T={first['seq_len']}, {first['n_seqs']} sequences) and retrieval",
+        ["checkpoint", "attn", "step", "loss", "trailing", "retrieval"],
+        [
+            [
+                label,
+                r["attn_used"],
+                str(r["step"]),
+                f"{r['loss']:.4f}",
+                f"{r['trailing_loss']:.4f}",
+                f"{r['retrieval']['mean']:.2f}",
+            ]
+            for label, r in results.items()
+        ],
+        left=2,
+    )
+    print(
+        f"trailing = positions >= {first['trailing_from']} (last {TRAILING_FRAC:.3g} of the context); "
+        f"retrieval = exact match, mean over lengths {ret['lengths']} x depths {ret['depths']}, "
+        f"{ret['samples']} samples per cell"
+    )
+    print_table(
+        "held-out loss by position bucket",
+        ["positions", *results],
+        [
+            [
+                f"{b['start']}-{b['end']}",
+                *[f"{r['buckets'][i]['loss']:.4f}" for r in results.values()],
+            ]
+            for i, b in enumerate(first["buckets"])
+        ],
+    )
+    print_table(
+        "needle retrieval accuracy by context length (mean over depths)",
+        ["checkpoint", *[f"T={L}" for L in ret["lengths"]]],
+        [
+            [label, *[f"{a:.2f}" for a in np.asarray(r["retrieval"]["accuracy"]).mean(1)]]
+            for label, r in results.items()
+        ],
+    )
 
 
-def run_eval(paths, *, out: str | Path | None = None, attn: str = "as-trained", device: str = "auto",
-             n_seqs: int = 32, lengths=None, depths=DEFAULT_DEPTHS, samples: int = 16,
-             seq_len: int | None = None, show: bool = True) -> tuple[dict, dict]:
+def run_eval(
+    paths,
+    *,
+    out: str | Path | None = None,
+    attn: str = "as-trained",
+    device: str = "auto",
+    n_seqs: int = 32,
+    lengths=None,
+    depths=DEFAULT_DEPTHS,
+    samples: int = 16,
+    seq_len: int | None = None,
+    show: bool = True,
+) -> tuple[dict, dict]:
     """Evaluate checkpoints side by side; returns ``(results, files)``."""
     paths = [Path(p) for p in paths]
     out = Path(out) if out else (paths[0] if paths[0].is_dir() else paths[0].parent) / "eval"
     results = {}
     for label, p in zip(_labels(paths), paths):
         run = load_run(p, device=device, label=label)
-        results[label] = evaluate(run, attn=attn, n_seqs=n_seqs, lengths=lengths, depths=depths,
-                                  samples=samples, seq_len=seq_len)
+        # One context length for all checkpoints (the first one's unless given), so the
+        # tables line up.
+        seq_len = seq_len or run.cfg.seq_len
+        lengths = list(lengths or default_lengths(seq_len))
+        results[label] = evaluate(
+            run,
+            attn=attn,
+            n_seqs=n_seqs,
+            lengths=lengths,
+            depths=depths,
+            samples=samples,
+            seq_len=seq_len,
+        )
         del run
     files = write_results(results, out)
     if show:

@@ -21,7 +21,9 @@ def _hf():
     try:
         import transformers  # noqa: F401
     except ImportError as e:
-        raise ImportError("the training tools need transformers: pip install 'moba-attn[hf]'") from e
+        raise ImportError(
+            "the training tools need transformers: pip install 'moba-attn[hf]'"
+        ) from e
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     return AutoModelForCausalLM, LlamaConfig
@@ -86,8 +88,13 @@ class AttentionSwitch:
             return
         enable_moba, disable_moba = _integration()
         if mode == "moba":
-            enable_moba(self.model, block_size=self.cfg.block_size, topk=self.cfg.topk,
-                        full_attn_layers=tuple(self.cfg.full_attn_layers), decode=self.cfg.decode)
+            enable_moba(
+                self.model,
+                block_size=self.cfg.block_size,
+                topk=self.cfg.topk,
+                full_attn_layers=tuple(self.cfg.full_attn_layers),
+                decode=self.cfg.decode,
+            )
         elif mode == "full":
             disable_moba(self.model)
         else:

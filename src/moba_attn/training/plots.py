@@ -34,8 +34,13 @@ def _floats(rows, key):
     return np.asarray(xs), np.asarray(ys)
 
 
-def plot_loss_curves(runs: dict[str, list[dict]], path: Path, *, switch_tokens: dict[str, float] | None = None,
-                     title: str = "") -> Path:
+def plot_loss_curves(
+    runs: dict[str, list[dict]],
+    path: Path,
+    *,
+    switch_tokens: dict[str, float] | None = None,
+    title: str = "",
+) -> Path:
     """Train loss (EMA-smoothed) and held-out loss against tokens seen, one colour per run."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -57,7 +62,8 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: Path, *, switch_tokens: 
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     _zoom(ax1, [ema(_floats(r, "loss")[1]) for r in runs.values()])
     if title:
         fig.suptitle(title)
@@ -69,7 +75,7 @@ def plot_loss_curves(runs: dict[str, list[dict]], path: Path, *, switch_tokens: 
 
 def _zoom(ax, curves):
     """Keep the y range on the later part of the curves (the start is far above)."""
-    tails = [c[len(c) // 10:] for c in curves if len(c) > 10]
+    tails = [c[len(c) // 10 :] for c in curves if len(c) > 10]
     if tails:
         lo = min(t.min() for t in tails)
         hi = max(t.max() for t in tails)
@@ -109,8 +115,15 @@ def plot_retrieval_heatmaps(results: dict[str, dict], path: Path) -> Path:
         ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
         for i in range(acc.shape[0]):
             for j in range(acc.shape[1]):
-                ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center",
-                        color="white" if acc[i, j] < 0.6 else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    f"{acc[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    color="white" if acc[i, j] < 0.6 else "black",
+                    fontsize=8,
+                )
         ax.set_xlabel("needle depth (fraction of context)")
         ax.set_ylabel("context length")
         ax.set_title(label, fontsize=9)

@@ -53,10 +53,15 @@ def capture_qk(run: LoadedRun, x: torch.Tensor) -> list[tuple[torch.Tensor, torc
             q, k = module.q_norm(q), module.k_norm(k)
         rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
         q, k = rope(q, k, cos, sin)
-        captured[module.layer_idx] = (q[0].transpose(0, 1).float().cpu(), k[0].transpose(0, 1).float().cpu(),
-                                      float(module.scaling))
+        captured[module.layer_idx] = (
+            q[0].transpose(0, 1).float(),
+            k[0].transpose(0, 1).float(),
+            float(module.scaling),
+        )
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in _attention_layers(run.model)]
+    handles = [
+        m.register_forward_pre_hook(hook, with_kwargs=True) for m in _attention_layers(run.model)
+    ]
     try:
         run.model(input_ids=x.to(run.device))
     finally:
@@ -65,36 +70,51 @@ def capture_qk(run: LoadedRun, x: torch.Tensor) -> list[tuple[torch.Tensor, torc
     return [captured[i] for i in sorted(captured)]
 
 
-def layer_routing(q: torch.Tensor, k: torch.Tensor, scaling: float, block_size: int, topk: int,
-                  layer: int = 0, mode: str = "moba") -> LayerRouting:
+def layer_routing(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scaling: float,
+    block_size: int,
+    topk: int,
+    layer: int = 0,
+    mode: str = "moba",
+) -> LayerRouting:
     """Selection and dense-mass telemetry of one layer (fp32, one sequence)."""
     T, hq, _ = q.shape
     g = hq // k.shape[1]
-    cu = torch.tensor([0, T], dtype=torch.int64)
+    dev = q.device
+    cu = torch.tensor([0, T], dtype=torch.int64, device=dev)
     sel = moba_select(q, k, cu, cu, block_size=block_size, topk=topk)  # [T, Hq, k-1]
     nb = -(-T // block_size)
-    own = torch.arange(T) // block_size
+    own = torch.arange(T, device=dev) // block_size
     routed = own > topk - 1  # more earlier blocks than the gate may keep
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
     mass, oracle, maps = [], [], []
     for h in range(hq):
         logits = (q[:, h] @ k[:, h // g].T) * scaling
         p = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)  # [T, T]
-        bm = torch.zeros(T, nb * block_size)
+        bm = torch.zeros(T, nb * block_size, device=dev)
         bm[:, :T] = p
         bm = bm.view(T, nb, block_size).sum(-1)  # [T, nb] dense mass per key block
         own_m = bm.gather(1, own[:, None])[:, 0]
         s = sel[:, h]
-        got = torch.where(s >= 0, bm.gather(1, s.clamp(min=0)), torch.zeros(()))
+        got = torch.where(s >= 0, bm.gather(1, s.clamp(min=0)), torch.zeros((), device=dev))
         attended = own_m + got.sum(-1)
-        earlier = bm.masked_fill(torch.arange(nb)[None, :] >= own[:, None], 0.0)
+        earlier = bm.masked_fill(torch.arange(nb, device=dev)[None, :] >= own[:, None], 0.0)
         best = earlier.topk(min(max(topk - 1, 0), nb), dim=-1).values.sum(-1) if topk > 1 else 0.0
         best = own_m + best
         mass.append(float(attended[routed].mean()) if routed.any() else 1.0)
         oracle.append(float(best[routed].mean()) if routed.any() else 1.0)
-        maps.append(bm.numpy())
-    return LayerRouting(layer, mode, sel.numpy(), np.asarray(mass), np.asarray(oracle),
-                        int(routed.sum()), maps)
+        maps.append(bm.cpu().numpy())
+    return LayerRouting(
+        layer,
+        mode,
+        sel.cpu().numpy(),
+        np.asarray(mass),
+        np.asarray(oracle),
+        int(routed.sum()),
+        maps,
+    )
 
 
 def viz_input(run: LoadedRun, *, text_file: str | None, seq_len: int, depth: float, seed: int = 0):
@@ -111,8 +131,12 @@ def viz_input(run: LoadedRun, *, text_file: str | None, seq_len: int, depth: flo
 
     depths = [depth] + list(rng.uniform(0, 1, TASK.n_pairs - 1))
     x, answers, starts = run.corpus.insert_retrieval(filler, rng, depths=depths, needle=0)
-    return torch.from_numpy(x)[None], {"source": "held-out retrieval sample", "needle_start": starts[0],
-                                       "answer": answers[0], "depth": depth}
+    return torch.from_numpy(x)[None], {
+        "source": "held-out retrieval sample",
+        "needle_start": starts[0],
+        "answer": answers[0],
+        "depth": depth,
+    }
 
 
 def routing(run: LoadedRun, x: torch.Tensor, *, block_size: int, topk: int) -> list[LayerRouting]:
@@ -130,8 +154,15 @@ def _parse_sel(spec: str | None, n: int) -> list[int]:
     return sorted({int(s) % n for s in str(spec).split(",")})
 
 
-def plot_selection(layers: list[LayerRouting], path: Path, *, block_size: int, heads: list[int],
-                   info: dict, max_rows: int = 1024) -> Path:
+def plot_selection(
+    layers: list[LayerRouting],
+    path: Path,
+    *,
+    block_size: int,
+    heads: list[int],
+    info: dict,
+    max_rows: int = 1024,
+) -> Path:
     """Grid of (query x key block) maps: own block, selected blocks, skipped blocks, future."""
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
@@ -144,8 +175,12 @@ def plot_selection(layers: list[LayerRouting], path: Path, *, block_size: int, h
     rows = np.arange(0, T, stride)
     nb = -(-T // block_size)
     own = rows // block_size
-    fig, axes = plt.subplots(len(layers), len(heads), figsize=(2.6 * len(heads) + 1, 2.3 * len(layers) + 0.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(layers),
+        len(heads),
+        figsize=(2.6 * len(heads) + 1, 2.3 * len(layers) + 0.8),
+        squeeze=False,
+    )
     cmap = ListedColormap(["#e6e6e6", "#1f77b4", "#222222"])
     for r, lr in enumerate(layers):
         for c, h in enumerate(heads):
@@ -157,21 +192,34 @@ def plot_selection(layers: list[LayerRouting], path: Path, *, block_size: int, h
             img[np.arange(len(rows)), own] = 2
             img[np.arange(nb)[None, :] > own[:, None]] = np.nan
             ax = axes[r, c]
-            ax.imshow(img, cmap=cmap, vmin=0, vmax=2, aspect="auto", interpolation="nearest",
-                      extent=(0, nb, rows[-1] + stride, 0))
+            ax.imshow(
+                img,
+                cmap=cmap,
+                vmin=0,
+                vmax=2,
+                aspect="auto",
+                interpolation="nearest",
+                extent=(0, nb, rows[-1] + stride, 0),
+            )
             if "needle_start" in info:
                 nbk = info["needle_start"] // block_size
                 ax.axvspan(nbk, nbk + 1, color="tab:red", alpha=0.18, lw=0)
                 ax.axhline(info["answer"][0] - 1, color="tab:red", lw=0.6, ls=":")
-            ax.set_title(f"layer {lr.layer}{' (full)' if lr.mode == 'full' else ''} head {h}: "
-                         f"mass {lr.mass[h]:.2f}", fontsize=8)
+            ax.set_title(
+                f"layer {lr.layer}{' (full)' if lr.mode == 'full' else ''} head {h}: "
+                f"mass {lr.mass[h]:.2f}",
+                fontsize=8,
+            )
             ax.tick_params(labelsize=6)
             if c == 0:
                 ax.set_ylabel("query position", fontsize=7)
             if r == len(layers) - 1:
                 ax.set_xlabel("key block", fontsize=7)
-    handles = [Patch(color="#222222", label="own block"), Patch(color="#1f77b4", label="selected"),
-               Patch(color="#e6e6e6", label="skipped")]
+    handles = [
+        Patch(color="#222222", label="own block"),
+        Patch(color="#1f77b4", label="selected"),
+        Patch(color="#e6e6e6", label="skipped"),
+    ]
     if "needle_start" in info:
         handles.append(Patch(color="tab:red", label="needle block / query row"))
     fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8)
@@ -188,16 +236,30 @@ def plot_mass(layers: list[LayerRouting], path: Path) -> Path:
     plt = _plt()
     m = np.stack([lr.mass for lr in layers])
     o = np.stack([lr.oracle for lr in layers])
-    fig, axes = plt.subplots(1, 2, figsize=(2 * (0.5 * m.shape[1] + 2.5), 0.45 * m.shape[0] + 2), squeeze=False)
-    for ax, data, title in ((axes[0, 0], m, "gate: dense mass in own + selected blocks"),
-                            (axes[0, 1], o, "oracle: best k-1 blocks by dense mass")):
+    fig, axes = plt.subplots(
+        1, 2, figsize=(2 * (0.5 * m.shape[1] + 2.5), 0.45 * m.shape[0] + 2), squeeze=False
+    )
+    for ax, data, title in (
+        (axes[0, 0], m, "gate: dense mass in own + selected blocks"),
+        (axes[0, 1], o, "oracle: best k-1 blocks by dense mass"),
+    ):
         im = ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
-                ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if data[i, j] < 0.6 else "black")
-        ax.set_yticks(range(len(layers)), [f"{lr.layer}{' (full)' if lr.mode == 'full' else ''}" for lr in layers],
-                      fontsize=7)
+                ax.text(
+                    j,
+                    i,
+                    f"{data[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if data[i, j] < 0.6 else "black",
+                )
+        ax.set_yticks(
+            range(len(layers)),
+            [f"{lr.layer}{' (full)' if lr.mode == 'full' else ''}" for lr in layers],
+            fontsize=7,
+        )
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_title(title, fontsize=9)
@@ -207,10 +269,21 @@ def plot_mass(layers: list[LayerRouting], path: Path) -> Path:
     return Path(path)
 
 
-def run_viz(path, *, out: str | Path | None = None, text_file: str | None = None, seq_len: int | None = None,
-            depth: float = 0.25, layers: str | None = None, heads: str | None = "0,1,2,3",
-            block_size: int | None = None, topk: int | None = None, attn: str = "as-trained",
-            device: str = "auto", show: bool = True) -> tuple[list[LayerRouting], dict]:
+def run_viz(
+    path,
+    *,
+    out: str | Path | None = None,
+    text_file: str | None = None,
+    seq_len: int | None = None,
+    depth: float = 0.25,
+    layers: str | None = None,
+    heads: str | None = "0,1,2,3",
+    block_size: int | None = None,
+    topk: int | None = None,
+    attn: str = "as-trained",
+    device: str = "auto",
+    show: bool = True,
+) -> tuple[list[LayerRouting], dict]:
     """Routing pictures and telemetry for one checkpoint; returns ``(layers, files)``."""
     run = load_run(path, device=device)
     mode = run.set_attn(attn)
@@ -225,28 +298,74 @@ def run_viz(path, *, out: str | Path | None = None, text_file: str | None = None
     keep_layers = _parse_sel(layers, len(routed))
     head_ids = _parse_sel(heads, n_heads) if heads != "all" else list(range(n_heads))
     head_ids = [h for h in head_ids if h < n_heads]
-    files = {"selection_png": out / "selection.png", "mass_png": out / "routing_mass.png",
-             "telemetry_csv": out / "telemetry.csv", "telemetry_json": out / "telemetry.json"}
-    plot_selection([routed[i] for i in keep_layers], files["selection_png"], block_size=B, heads=head_ids, info=info)
+    files = {
+        "selection_png": out / "selection.png",
+        "mass_png": out / "routing_mass.png",
+        "telemetry_csv": out / "telemetry.csv",
+        "telemetry_json": out / "telemetry.json",
+    }
+    plot_selection(
+        [routed[i] for i in keep_layers],
+        files["selection_png"],
+        block_size=B,
+        heads=head_ids,
+        info=info,
+    )
     plot_mass(routed, files["mass_png"])
     needle_hit = None
     if "needle_start" in info:
         nblk = info["needle_start"] // B
         row = info["answer"][0] - 1  # the position that predicts the first value token
-        needle_hit = [[bool((lr.sel[row, h] == nblk).any() or row // B == nblk) for h in range(n_heads)]
-                      for lr in routed]
+        needle_hit = [
+            [bool((lr.sel[row, h] == nblk).any() or row // B == nblk) for h in range(n_heads)]
+            for lr in routed
+        ]
     with open(files["telemetry_csv"], "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["layer", "mode", "head", "mass_selected", "mass_oracle", "routed_queries", "needle_selected"])
+        w.writerow(
+            [
+                "layer",
+                "mode",
+                "head",
+                "mass_selected",
+                "mass_oracle",
+                "routed_queries",
+                "needle_selected",
+            ]
+        )
         for i, lr in enumerate(routed):
             for h in range(n_heads):
-                w.writerow([lr.layer, lr.mode, h, f"{lr.mass[h]:.4f}", f"{lr.oracle[h]:.4f}", lr.routed,
-                            "" if needle_hit is None else int(needle_hit[i][h])])
-    tele = {"checkpoint": str(run.path), "step": run.step, "attn_used": mode, "block_size": B, "topk": k,
-            "seq_len": int(x.shape[1]), "input": {kk: (list(v) if isinstance(v, tuple) else v) for kk, v in info.items()},
-            "layers": [{"layer": lr.layer, "mode": lr.mode, "mass": lr.mass.tolist(), "oracle": lr.oracle.tolist(),
-                        "routed_queries": lr.routed,
-                        **({"needle_selected": needle_hit[i]} if needle_hit else {})} for i, lr in enumerate(routed)]}
+                w.writerow(
+                    [
+                        lr.layer,
+                        lr.mode,
+                        h,
+                        f"{lr.mass[h]:.4f}",
+                        f"{lr.oracle[h]:.4f}",
+                        lr.routed,
+                        "" if needle_hit is None else int(needle_hit[i][h]),
+                    ]
+                )
+    tele = {
+        "checkpoint": str(run.path),
+        "step": run.step,
+        "attn_used": mode,
+        "block_size": B,
+        "topk": k,
+        "seq_len": int(x.shape[1]),
+        "input": {kk: (list(v) if isinstance(v, tuple) else v) for kk, v in info.items()},
+        "layers": [
+            {
+                "layer": lr.layer,
+                "mode": lr.mode,
+                "mass": lr.mass.tolist(),
+                "oracle": lr.oracle.tolist(),
+                "routed_queries": lr.routed,
+                **({"needle_selected": needle_hit[i]} if needle_hit else {}),
+            }
+            for i, lr in enumerate(routed)
+        ],
+    }
     files["telemetry_json"].write_text(json.dumps(tele, indent=2) + "\n")
     if show:
         _print(routed, needle_hit, tele)
@@ -255,19 +374,26 @@ def run_viz(path, *, out: str | Path | None = None, text_file: str | None = None
 
 
 def _print(routed, needle_hit, tele) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from .tables import print_table
 
-    t = Table(title=f"routing telemetry: B={tele['block_size']}, topk={tele['topk']}, T={tele['seq_len']}, "
-                    f"forward in {tele['attn_used']} mode")
-    for c in ("layer", "mode", "mass (mean)", "mass (min head)", "oracle (mean)", "routed queries"):
-        t.add_column(c, justify="right")
-    if needle_hit:
-        t.add_column("heads on needle", justify="right")
+    cols = ["layer", "mode", "mass (mean)", "mass (min head)", "oracle (mean)", "routed queries"]
+    rows = []
     for i, lr in enumerate(routed):
-        row = [str(lr.layer), lr.mode, f"{lr.mass.mean():.3f}", f"{lr.mass.min():.3f}", f"{lr.oracle.mean():.3f}",
-               str(lr.routed)]
+        row = [
+            str(lr.layer),
+            lr.mode,
+            f"{lr.mass.mean():.3f}",
+            f"{lr.mass.min():.3f}",
+            f"{lr.oracle.mean():.3f}",
+            str(lr.routed),
+        ]
         if needle_hit:
             row.append(f"{sum(needle_hit[i])}/{len(needle_hit[i])}")
-        t.add_row(*row)
-    Console().print(t)
+        rows.append(row)
+    print_table(
+        f"routing telemetry: B={tele['block_size']}, topk={tele['topk']}, T={tele['seq_len']}, "
+        f"forward in {tele['attn_used']} mode",
+        cols + (["heads on needle"] if needle_hit else []),
+        rows,
+        left=2,
+    )

@@ -17,15 +17,45 @@ import torch
 
 from .config import PRESETS, TrainConfig
 from .data import Corpus, load_corpus
-from .modeling import AttentionSwitch, build_model, config_from_dict, count_params, model_config, run_sparsity
+from .modeling import (
+    AttentionSwitch,
+    build_model,
+    config_from_dict,
+    count_params,
+    model_config,
+    run_sparsity,
+)
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
-COLUMNS = ("step", "loss", "val_loss", "lr", "tokens_per_s", "tokens_seen", "attn", "grad_norm",
-           "step_time_s", "elapsed_s")
+COLUMNS = (
+    "step",
+    "loss",
+    "val_loss",
+    "lr",
+    "tokens_per_s",
+    "tokens_seen",
+    "attn",
+    "grad_norm",
+    "step_time_s",
+    "elapsed_s",
+)
 # Fields that must match between a checkpoint and the run that resumes it.
-RESUME_FIXED = ("preset", "attn", "switch_at", "full_attn_layers", "block_size", "topk", "seq_len",
-                "batch_size", "seed", "data", "tokenizer", "retrieval_frac")
+RESUME_FIXED = (
+    "preset",
+    "attn",
+    "switch_at",
+    "full_attn_layers",
+    "block_size",
+    "topk",
+    "seq_len",
+    "batch_size",
+    "seed",
+    "data",
+    "corpus",
+    "tokenizer",
+    "retrieval_frac",
+)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -81,8 +111,15 @@ class Run:
     ``loss.png`` and ``summary.json`` (written by :meth:`finish`).
     """
 
-    def __init__(self, cfg: TrainConfig, out: str | Path, *, resume: bool = False,
-                 label: str | None = None, corpus: Corpus | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        out: str | Path,
+        *,
+        resume: bool = False,
+        label: str | None = None,
+        corpus: Corpus | None = None,
+    ):
         cfg = cfg.resolved()
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -92,23 +129,36 @@ class Run:
         state = None
         if ckpt.exists():
             if not resume:
-                raise FileExistsError(f"{self.out} already holds a run: pass --resume to continue it, "
-                                      "or choose another --out")
+                raise FileExistsError(
+                    f"{self.out} already holds a run: pass --resume to continue it, "
+                    "or choose another --out"
+                )
             state = torch.load(ckpt, map_location="cpu", weights_only=False)
             saved = TrainConfig.from_json(state["train_config"]).resolved()
-            diff = [f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_FIXED
-                    if getattr(saved, k) != getattr(cfg, k)]
+            diff = [
+                f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
+                for k in RESUME_FIXED
+                if getattr(saved, k) != getattr(cfg, k)
+            ]
             if diff:
-                raise ValueError(f"cannot resume {ckpt} with different settings ({'; '.join(diff)})")
+                raise ValueError(
+                    f"cannot resume {ckpt} with different settings ({'; '.join(diff)})"
+                )
         self.cfg = cfg
-        self.corpus = corpus or load_corpus(cfg.data, cfg.tokenizer)
+        self.corpus = corpus or load_corpus(cfg.data, cfg.tokenizer, cfg.corpus)
         self.hf_config = model_config(cfg, self.corpus.vocab_size, self.corpus.sep_id)
         self.model = build_model(self.hf_config, cfg.seed).to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         self.opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+            [
+                {"params": decay, "weight_decay": cfg.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(0.9, 0.95),
+            eps=1e-8,
+            fused=self.device.type == "cuda",
         )
         self.switch = AttentionSwitch(self.model, cfg)
         self.step_no, self.tokens_seen, self.elapsed = 0, 0, 0.0
@@ -123,7 +173,7 @@ class Run:
             w = csv.DictWriter(f, fieldnames=COLUMNS)
             w.writeheader()
             w.writerows({k: r.get(k, "") for k in COLUMNS} for r in self.rows)
-        self._csv = open(self.out / METRICS, "a", newline="")
+        self._csv = open(self.out / METRICS, "a", newline="")  # noqa: SIM115 - kept open while training
         self._writer = csv.DictWriter(self._csv, fieldnames=COLUMNS)
         n_eval = max(1, cfg.eval_batches) * cfg.batch_size
         self.heldout = self.corpus.heldout_windows(n_eval, cfg.seq_len)
@@ -141,8 +191,9 @@ class Run:
         lr = lr_at(cfg, self.step_no)
         for g in self.opt.param_groups:
             g["lr"] = lr
-        x = self.corpus.train_batch(self.step_no, cfg.batch_size, cfg.seq_len, cfg.seed,
-                                    cfg.retrieval_frac).to(self.device, non_blocking=True)
+        x = self.corpus.train_batch(
+            self.step_no, cfg.batch_size, cfg.seq_len, cfg.seed, cfg.retrieval_frac
+        ).to(self.device, non_blocking=True)
         model.train()
         _sync(self.device)
         t0 = time.perf_counter()
@@ -160,10 +211,18 @@ class Run:
         self.step_no += 1
         self.tokens_seen += x.numel()
         self.elapsed += dt
-        row = {"step": self.step_no, "loss": round(loss_v, 5), "val_loss": "", "lr": f"{lr:.3e}",
-               "tokens_per_s": round(x.numel() / dt, 1), "tokens_seen": self.tokens_seen, "attn": mode,
-               "grad_norm": round(float(gnorm), 4), "step_time_s": round(dt, 4),
-               "elapsed_s": round(self.elapsed, 2)}
+        row = {
+            "step": self.step_no,
+            "loss": round(loss_v, 5),
+            "val_loss": "",
+            "lr": f"{lr:.3e}",
+            "tokens_per_s": round(x.numel() / dt, 1),
+            "tokens_seen": self.tokens_seen,
+            "attn": mode,
+            "grad_norm": round(float(gnorm), 4),
+            "step_time_s": round(dt, 4),
+            "elapsed_s": round(self.elapsed, 2),
+        }
         if self.step_no % cfg.eval_every == 0 or self.done:
             row["val_loss"] = round(self.eval_loss(), 5)
         if self.step_no % cfg.log_every == 0 or self.done or row["val_loss"] != "":
@@ -181,7 +240,7 @@ class Run:
         total = 0.0
         bs = self.cfg.batch_size
         for i in range(0, len(self.heldout), bs):
-            x = self.heldout[i:i + bs].to(self.device)
+            x = self.heldout[i : i + bs].to(self.device)
             with autocast_for(self.device, self.cfg.dtype):
                 total += float(self.model(input_ids=x, labels=x).loss) * len(x)
         self.model.train()
@@ -189,30 +248,48 @@ class Run:
 
     # ------------------------------------------------------------------ saving
     def save(self) -> None:
-        _atomic_save({
-            "model": self.model.state_dict(), "optim": self.opt.state_dict(), "step": self.step_no,
-            "tokens_seen": self.tokens_seen, "elapsed_s": self.elapsed,
-            "train_config": self.cfg.to_json(), "model_config": self.hf_config.to_dict(),
-        }, self.out / CHECKPOINT)
+        _atomic_save(
+            {
+                "model": self.model.state_dict(),
+                "optim": self.opt.state_dict(),
+                "step": self.step_no,
+                "tokens_seen": self.tokens_seen,
+                "elapsed_s": self.elapsed,
+                "train_config": self.cfg.to_json(),
+                "model_config": self.hf_config.to_dict(),
+            },
+            self.out / CHECKPOINT,
+        )
 
     def summary(self) -> dict:
         rows = [r for r in self.rows if r.get("loss")]
-        tail = rows[-max(1, len(rows) // 20):]
+        tail = rows[-max(1, len(rows) // 20) :]
         vals = [float(r["val_loss"]) for r in self.rows if r.get("val_loss")]
-        tps = {m: [float(r["tokens_per_s"]) for r in rows[min(3, len(rows) - 1):] if r["attn"] == m]
-               for m in ("moba", "full")}
+        tps = {
+            m: [float(r["tokens_per_s"]) for r in rows[min(3, len(rows) - 1) :] if r["attn"] == m]
+            for m in ("moba", "full")
+        }
         all_tps = tps["moba"] + tps["full"]
         return {
-            "label": self.label, "attn": self.cfg.attn, "full_attn_layers": list(self.cfg.full_attn_layers),
-            "seed": self.cfg.seed, "step": self.step_no, "steps": self.cfg.steps, "complete": self.done,
-            "tokens_seen": self.tokens_seen, "params": self.n_params,
+            "label": self.label,
+            "attn": self.cfg.attn,
+            "full_attn_layers": list(self.cfg.full_attn_layers),
+            "seed": self.cfg.seed,
+            "step": self.step_no,
+            "steps": self.cfg.steps,
+            "complete": self.done,
+            "tokens_seen": self.tokens_seen,
+            "params": self.n_params,
             "final_train_loss": float(np.mean([float(r["loss"]) for r in tail])) if tail else None,
             "final_val_loss": vals[-1] if vals else None,
             "tokens_per_s": float(np.median(all_tps)) if all_tps else None,
             "tokens_per_s_moba": float(np.median(tps["moba"])) if tps["moba"] else None,
             "tokens_per_s_full": float(np.median(tps["full"])) if tps["full"] else None,
-            "sparsity": run_sparsity(self.cfg), "train_time_s": round(self.elapsed, 1),
-            "seq_len": self.cfg.seq_len, "block_size": self.cfg.block_size, "topk": self.cfg.topk,
+            "sparsity": run_sparsity(self.cfg),
+            "train_time_s": round(self.elapsed, 1),
+            "seq_len": self.cfg.seq_len,
+            "block_size": self.cfg.block_size,
+            "topk": self.cfg.topk,
         }
 
     def switch_tokens(self) -> float | None:
@@ -226,9 +303,12 @@ class Run:
 
         self.save()
         sw = self.switch_tokens()
-        plot_loss_curves({self.label: self.rows}, self.out / "loss.png",
-                         switch_tokens={self.label: sw} if sw else None,
-                         title=f"{self.label}: {describe(self.cfg)}")
+        plot_loss_curves(
+            {self.label: self.rows},
+            self.out / "loss.png",
+            switch_tokens={self.label: sw} if sw else None,
+            title=f"{self.label}: {describe(self.cfg)}",
+        )
         s = self.summary()
         (self.out / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
         return s
@@ -250,13 +330,22 @@ def describe(cfg: TrainConfig) -> str:
     return s
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-          time_limit_s: float | None = None, log=print) -> dict:
+def train(
+    cfg: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    time_limit_s: float | None = None,
+    log=print,
+) -> dict:
     """Train one model; returns its summary. Stops early (checkpointed) after ``time_limit_s``."""
     run = Run(cfg, out, resume=resume)
     cfg = run.cfg
-    log(f"[moba train] {describe(cfg)}; {run.n_params / 1e6:.2f}M params on {run.device}; "
-        f"{run.corpus.describe()}")
+    log(
+        f"[moba train] {describe(cfg)}; {run.n_params / 1e6:.2f}M params on {run.device}; "
+        f"{run.corpus.describe()}"
+    )
     if run.step_no:
         log(f"[moba train] resuming {run.out} at step {run.step_no}/{cfg.steps}")
     bar = _bar(total=cfg.steps, initial=run.step_no, desc=run.label, enabled=progress)
@@ -265,26 +354,41 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         while not run.done:
             row = run.step()
             bar.update(1)
-            bar.set_postfix(loss=row["loss"], tok_s=f"{row['tokens_per_s']:.0f}", attn=row["attn"],
-                            **({"val": row["val_loss"]} if row["val_loss"] != "" else {}))
-            if time_limit_s is not None and time.perf_counter() - start > time_limit_s and not run.done:
-                log(f"[moba train] time limit reached at step {run.step_no}/{cfg.steps}; "
-                    "rerun with --resume to continue")
+            bar.set_postfix(
+                loss=row["loss"],
+                tok_s=f"{row['tokens_per_s']:.0f}",
+                attn=row["attn"],
+                **({"val": row["val_loss"]} if row["val_loss"] != "" else {}),
+            )
+            if (
+                time_limit_s is not None
+                and time.perf_counter() - start > time_limit_s
+                and not run.done
+            ):
+                log(
+                    f"[moba train] time limit reached at step {run.step_no}/{cfg.steps}; "
+                    "rerun with --resume to continue"
+                )
                 break
     finally:
         bar.close()
     summary = run.finish()
     run.close()
-    log(f"[moba train] step {summary['step']}: train loss {summary['final_train_loss']:.4f}, "
-        f"held-out {summary['final_val_loss']:.4f}, {summary['tokens_per_s'] or 0:.0f} tok/s -> {run.out}")
+    val = summary["final_val_loss"]
+    log(
+        f"[moba train] step {summary['step']}: train loss {summary['final_train_loss']:.4f}, "
+        f"held-out {'-' if val is None else f'{val:.4f}'}, {summary['tokens_per_s'] or 0:.0f} tok/s "
+        f"-> {run.out}"
+    )
     return summary
 
 
 def _bar(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True,
-                leave=True)
+    return tqdm(
+        total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=True
+    )
 
 
 # ---------------------------------------------------------------------- loading for eval / viz
@@ -318,11 +422,20 @@ def load_run(path: str | Path, device: str = "auto", label: str | None = None) -
     from .modeling import BASE_ATTN, _hf
 
     AutoModelForCausalLM, _ = _hf()
-    model = AutoModelForCausalLM.from_config(config_from_dict(state["model_config"]),
-                                             attn_implementation=BASE_ATTN)
+    model = AutoModelForCausalLM.from_config(
+        config_from_dict(state["model_config"]), attn_implementation=BASE_ATTN
+    )
     model.load_state_dict(state["model"])
     model.to(dev).eval()
-    corpus = load_corpus(cfg.data, cfg.tokenizer)
+    corpus = load_corpus(cfg.data, cfg.tokenizer, cfg.corpus)
     run_dir = ckpt.parent
-    return LoadedRun(label or run_dir.name, run_dir, cfg, model, corpus, int(state["step"]),
-                     AttentionSwitch(model, cfg), dev)
+    return LoadedRun(
+        label or run_dir.name,
+        run_dir,
+        cfg,
+        model,
+        corpus,
+        int(state["step"]),
+        AttentionSwitch(model, cfg),
+        dev,
+    )
