@@ -183,6 +183,7 @@ def cmd_compare(args) -> int:
         variants=args.variants,
         fresh=args.fresh,
         time_limit_s=_minutes(args.time_limit),
+        train_minutes=args.train_minutes,
         progress=not args.no_progress,
         eval_seqs=args.eval_seqs,
         eval_samples=args.eval_samples,
@@ -261,6 +262,14 @@ def add_parsers(subparsers) -> None:
         "--out", required=True, help="comparison directory (one sub-directory per variant)"
     )
     p.add_argument("--fresh", action="store_true", help="discard existing checkpoints in --out")
+    p.add_argument(
+        "--train-minutes",
+        type=float,
+        default=None,
+        metavar="MIN",
+        help="instead of --steps: time a few steps of each variant here and train as many steps as "
+        "fit MIN minutes for all variants together (evaluation comes on top)",
+    )
     p.add_argument(
         "--eval-seqs", type=int, default=32, help="held-out sequences for the final evaluation"
     )

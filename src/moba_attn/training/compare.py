@@ -65,12 +65,17 @@ def run_compare(
     variants: str = DEFAULT_VARIANTS,
     fresh: bool = False,
     time_limit_s: float | None = None,
+    train_minutes: float | None = None,
     progress: bool = True,
     eval_seqs: int = 32,
     eval_samples: int = 16,
     log=print,
 ) -> dict:
     """Train the variants round-robin, then evaluate them and write the combined report.
+
+    ``train_minutes``: instead of ``base.steps``, time a few steps of every variant on this
+    device first and take the number of steps that fits that much training time (all variants
+    together; evaluation comes on top). A resumed comparison keeps the steps it started with.
 
     Writes ``out/<variant>/`` (each a normal ``moba train`` run directory), ``out/compare.png``
     (loss curves), ``out/eval/`` (``moba eval`` of all variants) and ``out/summary.{csv,md,json}``.
@@ -88,6 +93,20 @@ def run_compare(
             mc = out / label / "metrics.csv"
             if mc.exists():
                 mc.unlink()
+    if train_minutes is not None:
+        saved = [out / label / "config.json" for label, _, _ in specs]
+        saved = [p for p in saved if (p.parent / "checkpoint.pt").exists()]
+        if saved:
+            steps = TrainConfig.load(saved[0]).steps
+            log(f"[moba compare] resuming: keeping {steps} steps from {saved[0]}")
+        else:
+            round_s = probe_round_time(base, specs, corpus, out)
+            steps = max(1, int(0.9 * 60 * train_minutes / round_s))
+            log(
+                f"[moba compare] one round (a step of each of {len(specs)} variants) takes "
+                f"{round_s:.2f} s here: {steps} steps fit {train_minutes:g} minutes"
+            )
+        base = replace(base, steps=steps, warmup=None).resolved()
     runs = [
         Run(variant_config(base, v, s), out / label, resume=True, label=label, corpus=corpus)
         for label, v, s in specs
@@ -124,8 +143,8 @@ def run_compare(
     finally:
         bar.close()
     summaries = {r.label: r.finish() for r in runs}
-    for r in runs:
-        r.close()
+    for run in runs:
+        run.close()
     from .plots import plot_loss_curves
 
     plot_loss_curves(
@@ -133,6 +152,7 @@ def run_compare(
         out / "compare.png",
         switch_tokens={r.label: r.switch_tokens() for r in runs if r.switch_tokens()},
         title=_describe_base(base),
+        reference=next((r.label for r in runs if r.cfg.attn == "full"), None),
     )
     if stopped:
         step = min(r.step_no for r in runs)
@@ -142,7 +162,7 @@ def run_compare(
         )
         _write_summary(out, runs, summaries, None, base)
         return {"complete": False, "step": step, "summaries": summaries}
-    del runs
+    r = runs = None  # free the models (the loop variable holds one too) before evaluating
     _free_device_memory()
     from .evaluate import print_tables, run_eval
 
@@ -160,6 +180,36 @@ def run_compare(
         f"[moba compare] wrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'compare.png'}, {out / 'eval'}"
     )
     return {"complete": True, "table": table, "summaries": summaries}
+
+
+def probe_round_time(
+    base: TrainConfig, specs, corpus, out: Path, warmup: int = 2, timed: int = 3
+) -> float:
+    """Seconds per round (one step of every variant), timed on throwaway copies of the runs."""
+    import shutil
+
+    probe = out / ".probe"
+    shutil.rmtree(probe, ignore_errors=True)
+    cfg = replace(base, steps=warmup + timed + 1, eval_every=10**9, ckpt_every=10**9)
+    runs = [
+        Run(variant_config(cfg, v, s), probe / label, label=label, corpus=corpus)
+        for label, v, s in specs
+    ]
+    try:
+        for _ in range(warmup):
+            for r in runs:
+                r.step()
+        t0 = time.perf_counter()
+        for _ in range(timed):
+            for r in runs:
+                r.step()
+        return (time.perf_counter() - t0) / timed
+    finally:
+        for r in runs:
+            r.close()
+        del runs
+        _free_device_memory()
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def _describe_base(base: TrainConfig) -> str:

@@ -251,7 +251,7 @@ class Corpus:
                 rng.random() < retrieval_frac
                 and self._retrieval_len(TASK, 1, False) <= seq_len // 2
             ):
-                x = self.insert_retrieval(x, rng)[0]
+                x = self.insert_retrieval(x, rng, query_at=float(rng.uniform(0.5, 1.0)))[0]
             rows.append(x)
         return torch.from_numpy(np.stack(rows))
 
@@ -278,9 +278,14 @@ class Corpus:
         *,
         depths=None,
         needle: int | None = None,
+        query_at: float | None = None,
         task: RetrievalTask = TASK,
     ):
-        """Hide ``task.n_pairs`` records in ``x`` and query them at the end; same length as ``x``.
+        """Hide ``task.n_pairs`` records in ``x`` and query them later; same length as ``x``.
+
+        The queries end the sequence (``query_at=None``, evaluation) or start at fraction
+        ``query_at`` of the room left for them, with text continuing after them (training, so
+        that the last positions of a sequence are ordinary text as often as any others).
 
         Sequences too short for all records get fewer (the task never takes more than half of
         ``x``); ``ValueError`` when not even one fits.
@@ -313,7 +318,8 @@ class Corpus:
         tail.append(self.encode("\n"))
         tail = np.concatenate(tail)
         recs = [self.encode(task.record(k, v)) for k, v in pairs]
-        body_len = seq_len - len(tail)
+        room = seq_len - len(tail)
+        body_len = room if query_at is None else max(seq_len // 2, int(query_at * room))
         filler_len = body_len - sum(map(len, recs))
         # Record i goes after filler token depth * filler_len, keeping the depth's proportion.
         at = sorted((int(d * filler_len), i) for i, d in enumerate(depths))
@@ -326,7 +332,8 @@ class Corpus:
             pos = cut
         parts.append(x[pos:filler_len])
         body = np.concatenate(parts)
-        out = np.concatenate([body, tail]).astype(np.int64)
+        after = x[filler_len : filler_len + room - body_len]
+        out = np.concatenate([body, tail, after]).astype(np.int64)
         assert len(out) == seq_len
         return out, [(body_len + s, body_len + e) for s, e in answers], starts
 

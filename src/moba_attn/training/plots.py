@@ -16,12 +16,14 @@ def _plt():
     return plt
 
 
-def ema(values, alpha: float = 0.05) -> np.ndarray:
-    out, acc = [], None
-    for v in values:
-        acc = v if acc is None else (1 - alpha) * acc + alpha * v
-        out.append(acc)
-    return np.asarray(out)
+def smooth(values, frac: float = 0.03) -> np.ndarray:
+    """Centered moving average over ``frac`` of the points (no lag; shorter windows at the ends)."""
+    v = np.asarray(values, dtype=float)
+    half = max(1, int(frac * len(v) / 2))
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(len(v))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(v))
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
 def _floats(rows, key):
@@ -40,31 +42,51 @@ def plot_loss_curves(
     *,
     switch_tokens: dict[str, float] | None = None,
     title: str = "",
+    reference: str | None = None,
 ) -> Path:
-    """Train loss (EMA-smoothed) and held-out loss against tokens seen, one colour per run."""
+    """Train loss (moving average) and held-out loss against tokens seen, one colour per run.
+
+    With ``reference`` (a run trained on the same batches), a third panel shows every run's
+    train loss minus the reference's, step by step: the batch-to-batch noise cancels.
+    """
     plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ncols = 3 if reference in runs and len(runs) > 1 else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5))
+    ax1, ax2 = axes[0], axes[1]
+    ref = {r["step"]: float(r["loss"]) for r in runs.get(reference, []) if r.get("loss")}
     for i, (label, rows) in enumerate(runs.items()):
         color = f"C{i % 10}"
         x, y = _floats(rows, "loss")
         if len(x):
             ax1.plot(x, y, color=color, alpha=0.15, lw=0.8)
-            ax1.plot(x, ema(y), color=color, lw=1.6, label=label)
+            ax1.plot(x, smooth(y), color=color, lw=1.6, label=label)
         x, y = _floats(rows, "val_loss")
         if len(x):
             ax2.plot(x, y, "o-", color=color, ms=3, lw=1.4, label=label)
+        if ncols == 3:
+            pts = [
+                (float(r["tokens_seen"]), float(r["loss"]) - ref[r["step"]])
+                for r in rows
+                if r.get("loss") and r["step"] in ref
+            ]
+            if pts:
+                dx, dy = map(np.asarray, zip(*pts))
+                axes[2].plot(dx, smooth(dy, 0.05), color=color, lw=1.4, label=label)
         if switch_tokens and label in switch_tokens:
-            for ax in (ax1, ax2):
+            for ax in axes:
                 ax.axvline(switch_tokens[label], color=color, ls=":", lw=1)
-    ax1.set_title("train loss (EMA; faint: raw)")
+    ax1.set_title("train loss (moving average; faint: per step)")
     ax2.set_title("held-out loss")
-    for ax in (ax1, ax2):
+    if ncols == 3:
+        axes[2].set_title(f"train loss minus {reference}'s (same batches; moving average)")
+        axes[2].axhline(0, color="k", lw=0.6)
+    for ax in axes:
         ax.set_xlabel("tokens seen")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    _zoom(ax1, [ema(_floats(r, "loss")[1]) for r in runs.values()])
+    _zoom(ax1, [smooth(_floats(r, "loss")[1]) for r in runs.values()])
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,0 +1,397 @@
+"""CPU smoke tests of the training tools on the tiny preset (short sequences, few steps)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from moba_attn.training import cli as training_cli
+from moba_attn.training.config import TrainConfig
+from moba_attn.training.data import TASK, Corpus, load_corpus
+from moba_attn.training.modeling import moba_sparsity
+from moba_attn.training.routing import layer_routing
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SMALL = ["--seq-len", "128", "--batch-size", "4", "--no-progress"]
+
+
+def _has_integration() -> bool:
+    try:
+        import moba_attn.integrations.transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_moba = pytest.mark.skipif(
+    not _has_integration(), reason="moba_attn.integrations.transformers missing"
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These models are tiny: one thread is faster than two fighting over a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def moba(*argv: str) -> int:
+    """Run ``moba <argv>`` through the training subcommands' parsers."""
+    parser = argparse.ArgumentParser(prog="moba")
+    training_cli.add_parsers(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def is_png(path: Path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 2000
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A full-attention tiny run: 40 steps of 4 x 128 bytes."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    assert (
+        moba(
+            "train",
+            "--out",
+            str(out),
+            "--steps",
+            "40",
+            "--lr",
+            "3e-3",
+            "--eval-every",
+            "20",
+            "--ckpt-every",
+            "20",
+            *SMALL,
+        )
+        == 0
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+def test_corpus_split_and_batches_are_deterministic():
+    c = load_corpus()
+    assert c.vocab_size == 256 and len(c.train) > 1_000_000 and len(c.heldout) > 50_000
+    a = c.train_batch(7, 3, 256, seed=0, retrieval_frac=0.5)
+    b = c.train_batch(7, 3, 256, seed=0, retrieval_frac=0.5)
+    assert a.shape == (3, 256) and a.dtype == torch.int64 and torch.equal(a, b)
+    assert not torch.equal(a, c.train_batch(8, 3, 256, seed=0, retrieval_frac=0.5))
+    assert not torch.equal(a, c.train_batch(7, 3, 256, seed=1, retrieval_frac=0.5))
+    # the held-out stream is not a slice of the training stream
+    probe = bytes(c.heldout[1000:1200])
+    assert probe not in bytes(c.train)
+
+
+def test_retrieval_task_answers_are_the_needle_values():
+    c = load_corpus()
+    x = c.heldout_windows(1, 400)[0].numpy()
+    rng = np.random.default_rng(3)
+    out, answers, starts = c.insert_retrieval(x, rng, depths=[0.0, 0.5, 0.2, 1.0], needle=1)
+    assert len(starts) == TASK.n_pairs
+    assert len(out) == 400 and len(answers) == 1
+    a0, a1 = answers[0]
+    value = c.decode(out[a0:a1])
+    assert len(value) == TASK.value_digits and value.isdigit()
+    record = c.decode(out[starts[1] : starts[1] + 20])
+    key = record.split("<kv ")[1].split("=")[0]
+    assert record.startswith(f"\n<kv {key}={value}>")
+    assert c.decode(out[a0 - len(TASK.query(key)) : a0]) == TASK.query(key)
+    assert starts[0] < starts[2] < starts[1] < starts[3]  # depth order
+    _, answers, _ = c.insert_retrieval(x, np.random.default_rng(4))  # training form: all queried
+    assert len(answers) == TASK.n_pairs
+
+
+def test_user_files_split_by_stream(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world. " * 2000)
+    c = Corpus(data=(str(tmp_path),))
+    assert len(c.train) > 0 and len(c.heldout) > 0 and c.source.startswith("files:")
+    with pytest.raises(FileNotFoundError):
+        Corpus(data=(str(tmp_path / "missing"),))
+
+
+def test_sparsity_accounting():
+    s = moba_sparsity(8192, 512, 3)
+    assert s["nominal"] == pytest.approx(1 - 3 / 16)
+    assert 0.5 < s["causal"] < s["nominal"]
+    assert moba_sparsity(1024, 512, 3)["causal"] == 0.0  # topk >= #blocks is dense
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="full_attn_layers"):
+        TrainConfig(full_attn_layers=(7,)).resolved()
+    with pytest.raises(ValueError, match="attn"):
+        TrainConfig(attn="sparse").resolved()
+    c = TrainConfig(attn="hybrid", steps=100, switch_at=0.9).resolved()
+    assert c.mode_at(89) == "moba" and c.mode_at(90) == "full" and c.final_mode() == "full"
+
+
+# ----------------------------------------------------------------------------- train / resume
+def test_train_loss_decreases_and_writes_outputs(trained):
+    r = rows(trained)
+    assert [int(x["step"]) for x in r] == list(range(1, 41))
+    assert {"step", "loss", "val_loss", "tokens_per_s", "lr", "attn"} <= set(r[0])
+    assert all(x["attn"] == "full" and float(x["tokens_per_s"]) > 0 for x in r)
+    loss = np.array([float(x["loss"]) for x in r])
+    assert loss[-5:].mean() < loss[:3].mean() - 1.0, loss
+    vals = [float(x["val_loss"]) for x in r if x["val_loss"]]
+    assert len(vals) == 2 and vals[-1] < np.log(256) - 1.0
+    assert is_png(trained / "loss.png")
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["step"] == 40 and summary["complete"] and summary["tokens_seen"] == 40 * 4 * 128
+    assert torch.load(trained / "checkpoint.pt", weights_only=False)["step"] == 40
+
+
+def test_resume_continues_exactly(tmp_path):
+    args = [
+        "--steps",
+        "6",
+        "--seq-len",
+        "128",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--ckpt-every",
+        "100",
+    ]
+    moba("train", "--out", str(tmp_path / "straight"), *args)
+    part = tmp_path / "resumed"
+    moba("train", "--out", str(part), *args, "--time-limit", "0")  # stops after one step
+    assert [int(x["step"]) for x in rows(part)] == [1]
+    with pytest.raises(FileExistsError):
+        moba("train", "--out", str(part), *args)
+    moba("train", "--out", str(part), "--resume", "--no-progress")
+    got, ref = rows(part), rows(tmp_path / "straight")
+    assert [int(x["step"]) for x in got] == list(range(1, 7))
+    np.testing.assert_allclose(
+        [float(x["loss"]) for x in got], [float(x["loss"]) for x in ref], rtol=1e-4
+    )
+    assert torch.load(part / "checkpoint.pt", weights_only=False)["step"] == 6
+
+
+@needs_moba
+def test_hybrid_switches_and_moba_changes_the_model(tmp_path):
+    common = [
+        "--seq-len",
+        "128",
+        "--batch-size",
+        "2",
+        "--block-size",
+        "16",
+        "--topk",
+        "2",
+        "--no-progress",
+    ]
+    moba(
+        "train",
+        "--out",
+        str(tmp_path / "h"),
+        "--attn",
+        "hybrid",
+        "--switch-at",
+        "0.5",
+        "--steps",
+        "4",
+        "--full-attn-layers",
+        "-1",
+        *common,
+    )
+    r = rows(tmp_path / "h")
+    assert [x["attn"] for x in r] == ["moba", "moba", "full", "full"]
+    moba("train", "--out", str(tmp_path / "m"), "--attn", "moba", "--steps", "1", *common)
+    moba("train", "--out", str(tmp_path / "f"), "--attn", "full", "--steps", "1", *common)
+    lm, lf = float(rows(tmp_path / "m")[0]["loss"]), float(rows(tmp_path / "f")[0]["loss"])
+    assert lm != lf  # same init and batch: only the attention differs
+    assert abs(lm - lf) < 0.05
+
+
+# ----------------------------------------------------------------------------- eval / viz
+def test_eval_writes_tables_and_pngs(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    moba(
+        "eval",
+        str(trained),
+        str(trained / "checkpoint.pt"),
+        "--out",
+        str(out),
+        "--n-seqs",
+        "4",
+        "--samples",
+        "2",
+        "--depths",
+        "0,1",
+    )
+    res = json.loads((out / "eval.json").read_text())
+    assert len(res) == 2
+    r = next(iter(res.values()))
+    assert len(r["buckets"]) == 8 and r["trailing_from"] == 112
+    assert r["loss"] < np.log(256) and abs(r["trailing_loss"] - r["buckets"][-1]["loss"]) < 1e-6
+    acc = np.asarray(r["retrieval"]["accuracy"])
+    assert acc.shape == (1, 2) and ((0 <= acc) & (acc <= 1)).all()
+    with open(out / "retrieval.csv") as f:
+        assert len(f.read().strip().splitlines()) == 1 + 2 * 2
+    assert is_png(out / "position_loss.png") and is_png(out / "retrieval_heatmap.png")
+    text = capsys.readouterr().out
+    assert "held-out loss" in text and "trailing" in text and "retrieval" in text
+
+
+def test_viz_writes_pictures_and_telemetry(trained, tmp_path):
+    out = tmp_path / "viz"
+    moba(
+        "viz",
+        str(trained),
+        "--out",
+        str(out),
+        "--block-size",
+        "16",
+        "--topk",
+        "3",
+        "--heads",
+        "0,1",
+    )
+    assert is_png(out / "selection.png") and is_png(out / "routing_mass.png")
+    tele = json.loads((out / "telemetry.json").read_text())
+    assert len(tele["layers"]) == 4 and tele["block_size"] == 16
+    for layer in tele["layers"]:
+        m, o = np.array(layer["mass"]), np.array(layer["oracle"])
+        assert m.shape == (4,) and (m > 0).all() and (m <= o + 1e-5).all() and (o <= 1 + 1e-5).all()
+        assert layer["routed_queries"] == 128 - 3 * 16
+        assert len(layer["needle_selected"]) == 4
+
+
+def test_layer_routing_oracles():
+    torch.manual_seed(0)
+    q, k = torch.randn(100, 4, 16), torch.randn(100, 2, 16)
+    dense = layer_routing(q, k, 0.25, block_size=10, topk=10)  # topk >= #blocks: dense attention
+    assert dense.routed == 0 and np.allclose(dense.mass, 1.0)
+    r = layer_routing(q, k, 0.25, block_size=10, topk=3)
+    assert r.routed == 70 and r.sel.shape == (100, 4, 2)
+    assert (r.mass <= r.oracle + 1e-6).all() and (r.mass < 1).all()
+    # the row of query 95 (block 9): 2 distinct earlier blocks per head
+    assert all(len(set(r.sel[95, h])) == 2 and (r.sel[95, h] < 9).all() for h in range(4))
+
+
+# ----------------------------------------------------------------------------- compare
+@needs_moba
+def test_compare_writes_summary(tmp_path):
+    out = tmp_path / "cmp"
+    code = moba(
+        "compare",
+        "--variants",
+        "full,moba,layer-hybrid",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--block-size",
+        "32",
+        "--topk",
+        "2",
+        "--eval-seqs",
+        "2",
+        "--eval-samples",
+        "1",
+        *SMALL,
+    )
+    assert code == 0
+    with open(out / "summary.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == ["full", "moba", "layer-hybrid"]
+    assert all(int(r["steps"]) == 3 and int(r["tokens_seen"]) == 3 * 4 * 128 for r in table)
+    sp = {r["variant"]: float(r["sparsity"]) for r in table}
+    assert sp["full"] == 0 and sp["moba"] > sp["layer-hybrid"] > 0
+    assert float(table[0]["heldout_vs_full_pct"]) == 0.0
+    assert "| moba |" in (out / "summary.md").read_text()
+    assert is_png(out / "compare.png") and is_png(out / "eval" / "retrieval_heatmap.png")
+    # same seed, same data: the variants saw the same first batch and started from the same model
+    first = [rows(out / v)[0] for v in ("full", "moba")]
+    assert abs(float(first[0]["loss"]) - float(first[1]["loss"])) < 0.05
+
+
+def test_user_data_with_local_tokenizer(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    text = Path(argparse.__file__).read_text()
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<eos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator([text], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(
+        tmp_path / "tok"
+    )
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.py").write_text(text)
+    out = tmp_path / "run"
+    moba(
+        "train",
+        "--out",
+        str(out),
+        "--data",
+        str(tmp_path / "data"),
+        "--tokenizer",
+        str(tmp_path / "tok"),
+        "--steps",
+        "2",
+        "--retrieval-frac",
+        "1",
+        *SMALL,
+    )
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["model_config"]["vocab_size"] == 400 and ckpt["step"] == 2
+    c = Corpus(data=(str(tmp_path / "data"),), tokenizer=str(tmp_path / "tok"))
+    x, answers, _ = c.insert_retrieval(
+        c.heldout_windows(1, 300)[0].numpy(), np.random.default_rng(0), needle=0
+    )
+    assert c.decode(x[answers[0][0] : answers[0][1]]).strip().isdigit()
+
+
+@needs_moba
+def test_compare_sizes_steps_to_a_time_budget(tmp_path, capsys):
+    out = tmp_path / "budget"
+    args = [
+        "compare",
+        "--variants",
+        "full,moba",
+        "--out",
+        str(out),
+        "--train-minutes",
+        "0.01",
+        "--block-size",
+        "32",
+        "--eval-seqs",
+        "1",
+        "--eval-samples",
+        "1",
+        *SMALL,
+    ]
+    assert moba(*args) == 0
+    log = capsys.readouterr().out
+    assert "steps fit 0.01 minutes" in log and not (out / ".probe").exists()
+    steps = [len(rows(out / v)) for v in ("full", "moba")]
+    assert steps[0] == steps[1] >= 1
+    assert json.loads((out / "full" / "config.json").read_text())["steps"] == steps[0]
+    assert moba(*args) == 0  # a rerun keeps the steps it started with and trains nothing more
+    assert "keeping" in capsys.readouterr().out and len(rows(out / "full")) == steps[0]
