@@ -200,6 +200,8 @@ def _per_group(plan: _Plan, layout: BlockLayout) -> bool:
 
 def _gate_all(q, k, layout, topk):
     """Selections for all rows, chunked: ``[total_q, Hq, k-1]`` global block ids."""
+    if topk == 1:
+        return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
     cent = block_centroids(k, layout)
     out, r0, total = [], 0, q.shape[0]
     while r0 < total:
