@@ -171,6 +171,11 @@ def run_one(name, cfg, t, dense_max, log):
             rec[f"speedup_vs_{label}"] = rec[f"{label}_ms"] / rec["moba_ms"]
         except RuntimeError as err:  # a backend refusing the shape
             rec[f"{label}_error"] = str(err).splitlines()[0][:200]
+    if dense:  # the floor of the dense dispatch: the bare cuDNN call with its LSE
+        try:
+            rec["cudnn_lse_ms"] = time_ms(lambda: ta._dense_cudnn(q, k, v, b, scale), long)
+        except RuntimeError as err:
+            rec["cudnn_lse_error"] = str(err).splitlines()[0][:200]
     rec["gate_share"] = rec["gate_ms"] / rec["moba_ms"]
     log(json.dumps(rec))
     return rec

@@ -195,6 +195,42 @@ def test_chunked_partials_match_one_chunk(monkeypatch):
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
+def test_pass_splits_match_one_pass(monkeypatch):
+    # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks
+    lens, bsz, topk, hq, hkv, d = [40, 300], 16, 4, 6, 3, 32
+    q, k, v = make_qkv(340, 340, hq, hkv, d, torch.float32)
+    layout = BlockLayout.build(cu(lens), cu(lens), bsz)
+    sel = _gate_all(q, k, layout, topk)
+    one = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
+    per_head = 340 * (hq // hkv) * (topk - 1) * d
+    ts, te = ta._diag_tiles(layout, 32, split_blocks=False)
+    for budget, n_pass in ((per_head, 3), (2 * per_head, 2), (per_head // 3, None)):
+        passes = ta._passes(ts, te, hq, hkv, topk - 1, d, budget)
+        if n_pass is not None:
+            assert len(passes) == n_pass and sum(p[1] for p in passes) == hkv
+        else:
+            assert len(passes) > hkv and all(p[1] == 1 for p in passes)
+        monkeypatch.setattr(ta, "PART_CHUNK_ELEMS", budget)
+        got = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
+        assert torch.equal(one[0], got[0]) and torch.equal(one[1], got[1])
+    assert len(ta._passes(ts, te, hq, hkv, topk - 1, d, hkv * per_head)) == 1
+
+
+def test_cu_seqlens_memo_follows_in_place_changes():
+    cq = cu([100, 60])
+    lay = ta._layout_for(cq, cq, 16)
+    assert ta._layout_for(cq, cq, 16) is lay  # memo hit: no new host copy
+    q, k, v = make_qkv(160, 160, 2, 1, 32, torch.float32)
+    run = lambda: ta.moba_attn_triton(q, k, v, cq, cq, 100, 100, block_size=16, topk=3,
+                                      softmax_scale=0.2)[0]
+    run()
+    cq[1] = 70  # in place: the version counter moves, the memo must not be used
+    lay2 = ta._layout_for(cq, cq, 16)
+    assert lay2 is not lay and int(lay2.row_pos[70]) == 0
+    ref, _ = moba_attn_naive(q, k, v, cq, cq, block_size=16, topk=3, softmax_scale=0.2)
+    assert err(run(), ref) < 1e-5
+
+
 def test_end_to_end_matches_naive_through_interface():
     lens = [1, 90, 250]
     cq = cu(lens)
@@ -324,6 +360,19 @@ def test_gpu_long_multichunk_setting():
     ta.PART_CHUNK_ELEMS = 1 << 22
     try:
         check_attention(q, k, v, cu([t]), cu([t]), 128, 8, rows=_sample_rows(t, 256), floor=1e-4)
+    finally:
+        ta.PART_CHUNK_ELEMS = old
+
+
+@gpu
+def test_gpu_kv_head_group_passes():
+    # partials of one kv head fit the budget, all kv heads do not: passes over kv-head groups
+    t, hq, hkv, d, topk = 6000, 8, 4, 128, 5
+    q, k, v = make_qkv(t, t, hq, hkv, d, torch.bfloat16)
+    old = ta.PART_CHUNK_ELEMS
+    ta.PART_CHUNK_ELEMS = 2 * t * (hq // hkv) * (topk - 1) * d
+    try:
+        check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t), floor=1e-4)
     finally:
         ta.PART_CHUNK_ELEMS = old
 
