@@ -460,3 +460,24 @@ def test_decode_step_and_state_match_naive(monkeypatch, hq, hkv, topk):
         dense = moba_attn_varlen_func(q, k_packed, v_packed, cu_q, cu_k, 1, 64, block_size=bs,
                                       topk=64, backend="naive")
         assert not torch.allclose(out[2], dense[2], atol=1e-4)
+
+
+def test_bf16_autocast_training_step_runs():
+    """Under autocast RoPE leaves q/k in fp32 while v is bf16: MoBA layers must cope."""
+    import copy
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from moba_attn.integrations.transformers import enable_moba
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg))
+    enable_moba(model, block_size=16, topk=2)
+    ids = torch.randint(0, 64, (2, 100))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)

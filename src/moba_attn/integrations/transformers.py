@@ -450,6 +450,17 @@ def _dense_attention(module, query, key, value, rows: _Rows, seg, dropout, scali
                                   scaling=scaling, **kwargs)
 
 
+def _common_dtype(query, key, value):
+    """Under autocast, cast q/k/v to the autocast dtype as SDPA does (RoPE often leaves q/k in
+    fp32 while v is bf16); otherwise k/v follow q."""
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = query.dtype
+    return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
 def moba_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
     """``AttentionInterface`` entry for ``"moba"``.
@@ -459,6 +470,7 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
     ``(out [B, Tq, Hq, D], None)``; outputs at padded query positions are zeros.
     """
     s = MobaSettings.from_config(module.config)
+    query, key, value = _common_dtype(query, key, value)
     bsz, _, tq, d = query.shape
     tk = key.shape[2]
     past = tk - tq
