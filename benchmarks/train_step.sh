@@ -9,7 +9,7 @@ OUT=${OUT:-train_out}
 RUNS=$(mktemp -d)
 mkdir -p "$OUT"
 for T in ${SEQLENS:-32768 131072}; do
-  for v in full:0:0 moba:512:3 moba:4096:12; do
+  for v in ${VARIANTS:-full:0:0 moba:512:3 moba:4096:12}; do
     IFS=: read -r attn bs k <<<"$v"
     name="T${T}-${attn}${bs/#0/}-k${k}"
     extra=""; [ "$attn" = moba ] && extra="--block-size $bs --topk $k"
