@@ -95,3 +95,23 @@ def test_work_counts():
             brute += t % B + 1 + min(k - 1, t // B) * B
     assert n == brute
     assert dense_causal_keys(cu, cu) == 100 * 101 // 2 + 37 * 38 // 2
+
+
+@pytest.mark.parametrize("topk", [3, 6, 8], ids=lambda k: f"k{k}")
+def test_tie_at_the_selection_boundary_goes_to_lower_blocks(topk):
+    """Six bit-identical best blocks, fewer slots than ties: the lowest indices win, on both
+    the repeated-max path (small k) and the top-k path (larger k)."""
+    B, D = 8, 16
+    base = torch.randn(B, 1, D)
+    blocks = [torch.randn(B, 1, D) * 0.01 for _ in range(12)]
+    tied = [1, 3, 4, 6, 8, 9]
+    for i in tied:
+        blocks[i] = base.clone()
+    k = torch.cat(blocks)
+    q = base.mean(0, keepdim=True).expand(k.shape[0], 1, D).contiguous()
+    cu = cu_seqlens([k.shape[0]])
+    sel = moba_select(q, k, cu, cu, block_size=B, topk=topk)
+    picks = set(sel[10 * B, 0].tolist()) - {-1}
+    m = topk - 1
+    assert picks >= set(tied[: min(m, 6)])
+    assert len(picks) == m

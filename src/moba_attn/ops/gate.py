@@ -14,6 +14,8 @@ import torch
 
 # Upper bound on the elements of one [rows, Hq, #blocks] score chunk.
 GATE_CHUNK_ELEMS = 1 << 24
+# Up to this many picks per row, top-k is done by repeated max (first index wins ties).
+SMALL_TOPK = 4
 
 
 @dataclass
@@ -126,21 +128,34 @@ def sortable_key(scores: torch.Tensor, index_bits: int = 32) -> torch.Tensor:
     return ordered * (1 << index_bits) + ((1 << index_bits) - 1 - col)
 
 
-def _topk_lowest_index_ties(scores: torch.Tensor, m: int) -> torch.Tensor:
-    """Indices of the ``m`` largest scores per row; among equal scores the lower index wins.
+def _topk_lowest_index_ties(scores: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``m`` largest scores per row (``-inf`` = not a candidate) and whether
+    each pick is real; among equal scores the lower index wins. ``scores`` may be
+    overwritten.
 
-    A plain float ``topk`` is exact unless the m-th and (m+1)-th values tie (ties inside the
-    chosen set do not change the set); only those rows are redone with the int64 keys.
+    Small ``m``: repeated ``max`` (which returns the FIRST maximal index, i.e. the tie rule).
+    Otherwise a float ``topk`` is exact unless the m-th and (m+1)-th values tie (ties inside
+    the chosen set do not change the set); only those rows are redone with the int64 keys.
     """
+    if m <= SMALL_TOPK:
+        s = scores  # the caller's own buffer: overwritten
+        picks, found = [], []
+        for _ in range(m):
+            vals, idx = s.max(dim=-1)
+            picks.append(idx)
+            found.append(vals > float("-inf"))
+            s.scatter_(-1, idx[..., None], float("-inf"))
+        return torch.stack(picks, -1), torch.stack(found, -1)
     if m >= scores.shape[-1]:
-        return sortable_key(scores).topk(m, dim=-1).indices
+        idx = sortable_key(scores).topk(m, dim=-1).indices
+        return idx, torch.ones_like(idx, dtype=torch.bool)
     vals, idx = scores.topk(m + 1, dim=-1)
     idx = idx[..., :m]
     tie = (vals[..., m - 1] == vals[..., m]) & torch.isfinite(vals[..., m - 1])
     if bool(tie.any()):
         rows = tie.nonzero(as_tuple=True)
         idx[rows] = sortable_key(scores[rows]).topk(m, dim=-1).indices
-    return idx
+    return idx, torch.ones_like(idx, dtype=torch.bool)
 
 
 def gate_chunk_rows(layout: BlockLayout, r0: int, total_q: int, heads: int,
@@ -177,10 +192,10 @@ def select_blocks(q: torch.Tensor, centroids: torch.Tensor, layout: BlockLayout,
     scores = torch.einsum("nkgd,bkd->nkgb", qg, cent).reshape(n, hq, span)
     gblk = torch.arange(b_lo, b_hi, device=q.device)
     cand = (gblk[None, :] >= layout.row_first[r0:r1, None]) & (gblk[None, :] < layout.row_own[r0:r1, None])
-    scores = scores.masked_fill(~cand[:, None, :], float("-inf"))
+    scores.masked_fill_(~cand[:, None, :], float("-inf"))
     m = min(topk - 1, span)
-    idx = _topk_lowest_index_ties(scores, m)  # [n, Hq, m]
-    ok = torch.gather(cand[:, None, :].expand(n, hq, span), -1, idx)
+    idx, found = _topk_lowest_index_ties(scores, m)  # [n, Hq, m]
+    ok = torch.gather(cand[:, None, :].expand(n, hq, span), -1, idx) & found
     sel[..., :m] = torch.where(ok, idx + b_lo, torch.full_like(idx, -1))
     return sel
 

@@ -35,8 +35,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 class _Plan:
     """Tiles of the *selected* blocks (slots 1..k-1) of query rows ``r0:r1``.
 
-    Entry id ``e = (row * Hq + head) * k + slot`` (slot 0, the own block, is handled by the
-    block-diagonal pass). Entries are grouped by (block, kv head) and each group is cut into
+    Entry id ``e = (slot * n + row) * Hq + head`` (slot-major, so each slot of the partial
+    buffers is contiguous; slot 0, the own block, is handled by the block-diagonal pass). Entries are grouped by (block, kv head) and each group is cut into
     tiles of ``rows`` entries that all attend the same whole key block.
     """
 
@@ -44,8 +44,9 @@ class _Plan:
         dev = sel.device
         n = sel.shape[0]
         self.r0, self.n, self.k = r0, n, topk
-        gb = torch.cat([torch.full((n, hq, 1), -1, dtype=torch.int64, device=dev), sel.long()], 2)
-        head = torch.arange(hq, device=dev)[None, :, None]
+        gb = torch.cat([torch.full((1, n, hq), -1, dtype=torch.int64, device=dev),
+                        sel.long().permute(2, 0, 1)])  # [k, n, Hq]
+        head = torch.arange(hq, device=dev)
         key = gb * hkv + head // (hq // hkv)  # tile group: (block, kv head)
         ent = (gb >= 0).reshape(-1).nonzero().squeeze(1)
         keys, order = torch.sort(key.reshape(-1)[ent], stable=True)
@@ -87,7 +88,7 @@ class _Plan:
 
     def rows_of(self, ent: torch.Tensor, hq: int) -> torch.Tensor:
         """Flat ``row * Hq + head`` index (into ``[total_q * Hq]``) of each entry."""
-        return (self.r0 + ent // (hq * self.k)) * hq + (ent // self.k) % hq
+        return self.r0 * hq + ent % (self.n * hq)
 
 
 # ----------------------------------------------------------------------------- dense tiles
@@ -165,11 +166,16 @@ class _Diag:
             buf[self.slot] = x
         return buf.view((self.n_blocks, self.width, self.hq) + rest).transpose(1, 2)
 
-    def gather(self, y: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`scatter`: ``[nd, Hq, W, ...]`` -> rows ``[n, Hq, ...]``."""
+    def gather(self, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`scatter`: ``[nd, Hq, W, ...]`` -> rows ``[n, Hq, ...]`` (written
+        into ``out`` when given: one copy)."""
         rest = tuple(y.shape[3:])
+        if out is not None and self.identity:
+            out.view((self.n_blocks, self.width, self.hq) + rest).copy_(y.transpose(1, 2))
+            return out
         y = y.transpose(1, 2).reshape((self.n_blocks * self.width, self.hq) + rest)
-        return y if self.identity else y[self.slot]
+        y = y if self.identity else y[self.slot]
+        return y if out is None else out.copy_(y)
 
     def kv(self, xb: torch.Tensor) -> torch.Tensor:
         """Blocks ``[nb, W, Hkv, D]`` -> this pass's ``[nd, Hq, W, D]`` (GQA: heads repeated)."""
@@ -230,16 +236,34 @@ def _selected_fwd(q, kb, vb, plan, layout, scale, cdt, po, pl):
     hq, d = q.shape[1], q.shape[2]
     qf = q.reshape(-1, d)
     if _per_group(plan, layout):
-        qs = qf[plan.rows_of(plan.ent, hq)].to(cdt)  # [N, D] in group order
-        os_, ls = torch.empty_like(qs), qs.new_empty(qs.shape[0])
-        start, hkv = 0, kb.shape[2]
-        for g, c in zip(plan.groups.tolist(), plan.counts.tolist()):
-            kg = kb[g // hkv, :, g % hkv][None, None]  # [1, 1, W, D], a view
-            vg = vb[g // hkv, :, g % hkv][None, None]
-            o, l = _CPU_FLASH(qs[start : start + c][None, None], kg, vg, 0.0, False, scale=scale)
-            os_[start : start + c], ls[start : start + c] = o[0, 0], l[0, 0]
-            start += c
-        po[plan.ent], pl[plan.ent] = os_, ls
+        qf = qf if qf.dtype == cdt else qf.to(cdt)
+        rows = plan.rows_of(plan.ent, hq)  # [N] query rows in (block, kv head) order
+        os_, ls = qf.new_empty(rows.shape[0], d), qf.new_empty(rows.shape[0])
+        hkv = kb.shape[2]
+        counts = plan.counts.tolist()
+        blocks = (plan.groups // hkv).tolist()
+        heads = (plan.groups % hkv).tolist()
+        i = start = 0
+        while i < len(blocks):  # one call per key block, its kv heads as the heads dim
+            j = i
+            while j < len(blocks) and blocks[j] == blocks[i]:
+                j += 1
+            b, cnt = blocks[i], counts[i:j]
+            qpad = qf.new_zeros(j - i, max(cnt), d)  # [heads, rows, D], rows padded
+            offs = [start]
+            for h, c in enumerate(cnt):
+                torch.index_select(qf, 0, rows[offs[-1] : offs[-1] + c], out=qpad[h, :c])
+                offs.append(offs[-1] + c)
+            kj, vj = kb[b].transpose(0, 1), vb[b].transpose(0, 1)  # [Hkv, W, D] views
+            if j - i != hkv:
+                kj, vj = kj[heads[i:j]], vj[heads[i:j]]
+            o, l = _CPU_FLASH(qpad[None], kj[None], vj[None], 0.0, False, scale=scale)
+            for h, c in enumerate(cnt):
+                os_[offs[h] : offs[h] + c], ls[offs[h] : offs[h] + c] = o[0, h, :c], l[0, h, :c]
+            start = offs[-1]
+            i = j
+        po.index_copy_(0, plan.ent, os_)
+        pl.index_copy_(0, plan.ent, ls)
         return
     for ent, key, _ in plan.batches(layout.width, False):
         keep = ent >= 0
@@ -263,19 +287,20 @@ def _forward(q, k, v, layout, sel, topk, scale):
         if topk == 1:
             out[r0:r1], lse[r0:r1] = diag.gather(o).to(q.dtype), diag.gather(l)
             continue
-        part_out = torch.empty(n, hq, topk, d, dtype=cdt, device=q.device)
-        part_lse = torch.empty(n, hq, topk, dtype=cdt, device=q.device)
-        part_out[:, :, 0], part_lse[:, :, 0] = diag.gather(o), diag.gather(l)
-        empty = sel[r0:r1] < 0  # unused slots: weight 0, value 0
-        part_out[:, :, 1:][empty] = 0
-        part_lse[:, :, 1:][empty] = float("-inf")
+        part_out = torch.empty(topk, n, hq, d, dtype=cdt, device=q.device)  # slot-major
+        part_lse = torch.empty(topk, n, hq, dtype=cdt, device=q.device)
+        diag.gather(o, out=part_out[0])
+        diag.gather(l, out=part_lse[0])
+        empty = sel[r0:r1].permute(2, 0, 1) < 0  # unused slots: weight 0, value 0
+        part_out[1:][empty] = 0
+        part_lse[1:][empty] = float("-inf")
         plan = _Plan(sel[r0:r1], r0, hq, k.shape[1], topk)
         _selected_fwd(q, kb, vb, plan, layout, scale, cdt, part_out.view(-1, d), part_lse.view(-1))
-        row_lse = torch.logsumexp(part_lse, dim=-1)  # [n, Hq]
-        w = torch.exp(part_lse - row_lse[..., None])
-        acc = part_out[:, :, 0] * w[..., 0:1]
+        row_lse = torch.logsumexp(part_lse, dim=0)  # [n, Hq]
+        w = torch.exp(part_lse - row_lse)[..., None]  # [k, n, Hq, 1]
+        acc = part_out[0] * w[0]
         for j in range(1, topk):  # k small: a few fused passes beat a batched [1, k] matmul
-            acc.addcmul_(part_out[:, :, j], w[..., j : j + 1])
+            acc.addcmul_(part_out[j], w[j])
         out[r0:r1] = acc.to(q.dtype)
         lse[r0:r1] = row_lse
     return out, lse.t().contiguous()  # lse in the compute dtype, [Hq, total_q]
@@ -332,7 +357,7 @@ def _backward(q, k, v, out, lse, dout, layout, sel, topk, scale, deterministic):
                 rank_t = rank[:, None].expand(-1, w).reshape(-1)
                 _add_rows(dk_flat, tok, dk_t[:, 0].reshape(-1, d), rank_t, deterministic)
                 _add_rows(dv_flat, tok, dv_t[:, 0].reshape(-1, d), rank_t, deterministic)
-            dq_chunk = dq_chunk + dq_part.view(n, hq, topk, d).sum(2)
+            dq_chunk = dq_chunk + dq_part.view(topk, n, hq, d).sum(0)
         dq[r0:r1] = dq_chunk
 
     def unpad(xb, like):
