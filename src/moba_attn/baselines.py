@@ -111,7 +111,7 @@ def flex_tiles(sel: torch.Tensor, T: int, block_size: int, tile: int = 128) -> t
 
 def flex_moba_varlen(q, k, v, cu, max_len, block_size, topk, tile: int = 128):
     """Exact per-token MoBA on FlexAttention (batch of equal-length sequences only)."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask
 
     n, hq, d = q.shape
     hkv = k.shape[1]

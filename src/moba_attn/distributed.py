@@ -97,7 +97,7 @@ import torch
 import torch.distributed as dist
 
 from .interface import _check_int, _check_qkv, moba_attn_varlen_func, resolve_backend
-from .ops.gate import BlockLayout, block_centroids, gate_chunk_rows, select_blocks
+from .ops.gate import BlockLayout, block_centroids, select_all
 
 # torch >= 2.13 renames the flat collectives; older releases only have the first names
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -407,14 +407,7 @@ def _gate(q: torch.Tensor, cent: torch.Tensor, layout: BlockLayout, topk: int,
         from .ops.triton_gate import select_blocks_triton
 
         return select_blocks_triton(q, cent, layout, topk)
-    out, r0, total = [], 0, q.shape[0]
-    while r0 < total:
-        r1 = gate_chunk_rows(layout, r0, total, q.shape[1])
-        out.append(select_blocks(q, cent, layout, r0, r1, topk))
-        r0 = r1
-    if not out:
-        return torch.empty(0, q.shape[1], max(topk - 1, 0), dtype=torch.int64, device=q.device)
-    return torch.cat(out)
+    return select_all(q, cent, layout, topk)
 
 
 def _local_centroids(k: torch.Tensor, layout: CPLayout, rank: int, kernels: str) -> torch.Tensor:

@@ -200,21 +200,28 @@ def select_blocks(q: torch.Tensor, centroids: torch.Tensor, layout: BlockLayout,
     return sel
 
 
+def select_all(q: torch.Tensor, centroids: torch.Tensor, layout: BlockLayout,
+               topk: int) -> torch.Tensor:
+    """:func:`select_blocks` for every row, in bounded chunks: ``[total_q, Hq, k-1]`` global
+    block ids (-1 = unused slot)."""
+    out, r0, total = [], 0, q.shape[0]
+    while r0 < total and topk > 1:
+        r1 = gate_chunk_rows(layout, r0, total, q.shape[1])
+        out.append(select_blocks(q, centroids, layout, r0, r1, topk))
+        r0 = r1
+    if not out:
+        return torch.full((q.shape[0], q.shape[1], max(topk - 1, 0)), -1, dtype=torch.int64,
+                          device=q.device)
+    return torch.cat(out)
+
+
 def moba_select(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
                 cu_seqlens_k: torch.Tensor, *, block_size: int, topk: int) -> torch.Tensor:
     """Blocks each query row picks, ``[total_q, Hq, k-1]``, as indices *within its sequence*
     (-1 = unused slot), sorted by decreasing gate score. For tests, telemetry and pictures."""
     layout = BlockLayout.build(cu_seqlens_q, cu_seqlens_k, block_size)
-    cent = block_centroids(k, layout)
-    out, r0, total = [], 0, q.shape[0]
-    while r0 < total:
-        r1 = gate_chunk_rows(layout, r0, total, q.shape[1])
-        sel = select_blocks(q, cent, layout, r0, r1, topk)
-        out.append(torch.where(sel >= 0, sel - layout.row_first[r0:r1, None, None], sel))
-        r0 = r1
-    if not out:
-        return torch.empty(0, q.shape[1], max(topk - 1, 0), dtype=torch.int64, device=q.device)
-    return torch.cat(out)
+    sel = select_all(q, block_centroids(k, layout), layout, topk)
+    return torch.where(sel >= 0, sel - layout.row_first[:, None, None], sel)
 
 
 def n_attended_keys(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, block_size: int,
@@ -237,6 +244,6 @@ def dense_causal_keys(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) ->
 
 
 __all__ = [
-    "BlockLayout", "block_centroids", "pad_blocks", "select_blocks", "moba_select",
+    "BlockLayout", "block_centroids", "pad_blocks", "select_blocks", "select_all", "moba_select",
     "sortable_key", "gate_chunk_rows", "n_attended_keys", "dense_causal_keys",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .gate import BlockLayout, block_centroids, block_view, gate_chunk_rows, select_blocks
+from .gate import BlockLayout, block_centroids, block_view, select_all
 
 PART_CHUNK_ELEMS = 1 << 26  # floats of per-slot partials ([rows, Hq, k, D]) per row chunk
 TILE_CHUNK_ELEMS = 1 << 23  # floats of one batch of [C, R, W] score tiles
@@ -208,15 +208,7 @@ def _gate_all(q, k, layout, topk):
     """Selections for all rows, chunked: ``[total_q, Hq, k-1]`` global block ids."""
     if topk == 1:
         return torch.empty(q.shape[0], q.shape[1], 0, dtype=torch.int64, device=q.device)
-    cent = block_centroids(k, layout)
-    out, r0, total = [], 0, q.shape[0]
-    while r0 < total:
-        r1 = gate_chunk_rows(layout, r0, total, q.shape[1])
-        out.append(select_blocks(q, cent, layout, r0, r1, topk))
-        r0 = r1
-    if not out:
-        return torch.empty(0, q.shape[1], max(topk - 1, 0), dtype=torch.int64, device=q.device)
-    return torch.cat(out)
+    return select_all(q, block_centroids(k, layout), layout, topk)
 
 
 def _row_chunks(total_q: int, hq: int, topk: int, d: int, width: int):
