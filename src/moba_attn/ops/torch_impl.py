@@ -302,9 +302,16 @@ def _add_rows(dst, index, src, rank, deterministic):
     """``dst[index] += src`` where ``index`` repeats; fixed order when ``deterministic``."""
     if not deterministic or dst.device.type == "cpu":
         dst.index_add_(0, index, src)  # sequential (so deterministic) on CPU
-        return
+    else:
+        _add_rows_in_rounds(dst, index, src, rank)
+
+
+def _add_rows_in_rounds(dst, index, src, rank):
+    """Deterministic ``dst[index] += src`` without relying on atomics' order: round ``r`` adds
+    the rows of every tile whose rank inside its group is ``r`` (one tile per group, so no two
+    writes of one round hit the same row of ``dst``)."""
     for r in range(int(rank.max()) + 1 if rank.numel() else 0):
-        pick = rank == r  # one tile per group per round: no two writes to one row
+        pick = rank == r
         dst.index_add_(0, index[pick], src[pick])
 
 
