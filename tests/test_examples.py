@@ -28,3 +28,12 @@ def test_hf_generate(decode, capsys):
     text = capsys.readouterr().out
     assert "'full_attn_layers': [1]" in text and f"'decode': '{decode}'" in text
     assert "back to 'sdpa' attention" in text
+
+
+def test_attention_basics(capsys):
+    res = load("attention_basics").main(["--seqlen", "300", "--heads", "4", "--kv-heads", "2",
+                                          "--head-dim", "16", "--block-size", "32", "--topk", "2",
+                                          "--device", "cpu"])
+    assert res["dense_err"] < 1e-5 and res["packed_err"] < 1e-5
+    assert res["sparse_gap"] > 1e-3
+    assert "picked blocks" in capsys.readouterr().out
