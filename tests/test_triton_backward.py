@@ -160,7 +160,7 @@ def test_oracle_mask_equals_naive_rule():
 
 
 def test_matches_torch_backward_through_autograd():
-    """End to end: MobaTorchFunction's forward, our backward == torch backward."""
+    """End to end: the torch path's forward, our backward == torch backward."""
     c = make_case([96, 33], [96, 33], 2, 1, 32, 16, 3, torch.float32)
     ref = torch_impl._backward(c["q"], c["k"], c["v"], c["out"], c["lse"], c["dout"],
                                c["layout"], c["sel"], c["topk"], c["scale"], False)

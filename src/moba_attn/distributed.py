@@ -98,6 +98,7 @@ import torch.distributed as dist
 
 from .interface import _check_int, _check_qkv, moba_attn_varlen_func, resolve_backend
 from .ops.gate import BlockLayout, block_centroids, select_all
+from .ops.torch_impl import MobaGivenSelection
 
 # torch >= 2.13 renames the flat collectives; older releases only have the first names
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -364,41 +365,6 @@ def _kernels(backend: str, q: torch.Tensor, block_size: int, topk: int) -> str:
     return "torch" if unsupported_reason(q, block_size, topk) is not None else "triton"
 
 
-class _MobaGivenSelection(torch.autograd.Function):
-    """Exact MoBA attention of a packed batch with the routing fixed (``sel``: global block ids
-    of the selected earlier blocks, ``[total_q, Hq, k-1]``, -1 unused)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, sel, topk, scale, kernels, deterministic):
-        with torch.no_grad():
-            if kernels == "triton":
-                from .ops.triton_attention import _moba_forward
-
-                out, lse = _moba_forward(q, k, v, layout, sel, topk, scale)
-            else:
-                from .ops.torch_impl import _forward
-
-                out, lse = _forward(q, k, v, layout, sel, topk, scale)
-        ctx.save_for_backward(q, k, v, out, lse, sel)
-        ctx.meta = (layout, topk, scale, kernels, deterministic)
-        lse32 = lse.float()
-        ctx.mark_non_differentiable(lse32)
-        return out, lse32
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, sel = ctx.saved_tensors
-        layout, topk, scale, kernels, deterministic = ctx.meta
-        with torch.no_grad():
-            if kernels == "triton":
-                from .ops.triton_backward import moba_backward_triton as bwd
-            else:
-                from .ops.torch_impl import _backward as bwd
-            dq, dk, dv = bwd(q, k, v, out, lse, dout.contiguous(), layout, sel, topk, scale,
-                             deterministic)
-        return dq, dk, dv, None, None, None, None, None, None
-
-
 # ----------------------------------------------------------------------------- selective plan
 def _gate(q: torch.Tensor, cent: torch.Tensor, layout: BlockLayout, topk: int,
           kernels: str) -> torch.Tensor:
@@ -518,7 +484,7 @@ def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, kernels, det
     del sel_v
     clay = BlockLayout.build(torch.as_tensor(cu_q, device=dev),
                              torch.as_tensor(np.asarray(cu_k, np.int64), device=dev), bs)
-    out, lse = _MobaGivenSelection.apply(q.contiguous(), k_c.contiguous(), v_c.contiguous(), clay,
+    out, lse = MobaGivenSelection.apply(q.contiguous(), k_c.contiguous(), v_c.contiguous(), clay,
                                          sel_c.contiguous(), topk, scale, kernels, deterministic)
     if stats is not None:
         item = k.element_size()

@@ -366,20 +366,23 @@ def _backward(q, k, v, out, lse, dout, layout, sel, topk, scale, deterministic):
     return dq.to(q.dtype), unpad(dkb, k), unpad(dvb, v)
 
 
-class MobaTorchFunction(torch.autograd.Function):
+class MobaGivenSelection(torch.autograd.Function):
+    """Exact MoBA attention of a packed batch with the routing fixed: ``sel [total_q, Hq, k-1]``
+    global block ids of the selected earlier blocks (-1 = unused slot). The gate is not
+    differentiable, so this is where autograd meets MoBA. ``kernels``: ``"torch"`` (this
+    file) or ``"triton"`` (the fused forward and backward)."""
+
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, block_size, topk, scale, deterministic):
-        layout = BlockLayout.build(cu_q, cu_k, block_size)
-        if layout.max_seq_blocks <= topk:
-            # every query attends its whole causal prefix: run it as ONE own block per
-            # sequence (a dense causal pass, no gating)
-            layout = BlockLayout.build(cu_q, cu_k, max(layout.max_len_k, 1))
-            topk = 1
+    def forward(ctx, q, k, v, layout, sel, topk, scale, kernels, deterministic):
         with torch.no_grad():
-            sel = _gate_all(q, k, layout, topk)
-            out, lse = _forward(q, k, v, layout, sel, topk, scale)
+            if kernels == "triton":
+                from .triton_attention import _moba_forward
+
+                out, lse = _moba_forward(q, k, v, layout, sel, topk, scale)
+            else:
+                out, lse = _forward(q, k, v, layout, sel, topk, scale)
         ctx.save_for_backward(q, k, v, out, lse, sel)
-        ctx.layout, ctx.topk, ctx.scale, ctx.deterministic = layout, topk, scale, deterministic
+        ctx.meta = (layout, topk, scale, kernels, deterministic)
         lse32 = lse.float()
         ctx.mark_non_differentiable(lse32)
         return out, lse32
@@ -387,9 +390,14 @@ class MobaTorchFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse, sel = ctx.saved_tensors
+        layout, topk, scale, kernels, deterministic = ctx.meta
+        if kernels == "triton":
+            from .triton_backward import moba_backward_triton as bwd
+        else:
+            bwd = _backward
         with torch.no_grad():
-            dq, dk, dv = _backward(q, k, v, out, lse, dout.contiguous(), ctx.layout, sel,
-                                   ctx.topk, ctx.scale, ctx.deterministic)
+            dq, dk, dv = bwd(q, k, v, out, lse, dout.contiguous(), layout, sel, topk, scale,
+                             deterministic)
         return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -399,5 +407,14 @@ def moba_attn_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_
 
     Inputs are assumed validated (see ``moba_attn_varlen_func``).
     """
-    return MobaTorchFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q,
-                                   cu_seqlens_k, block_size, topk, softmax_scale, deterministic)
+    layout = BlockLayout.build(cu_seqlens_q, cu_seqlens_k, block_size)
+    if layout.max_seq_blocks <= topk:
+        # every query attends its whole causal prefix: run it as ONE own block per sequence
+        # (a dense causal pass, no gating)
+        layout = BlockLayout.build(cu_seqlens_q, cu_seqlens_k, max(layout.max_len_k, 1))
+        topk = 1
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with torch.no_grad():
+        sel = _gate_all(q, k, layout, topk)
+    return MobaGivenSelection.apply(q, k, v, layout, sel, topk, softmax_scale, "torch",
+                                    deterministic)
