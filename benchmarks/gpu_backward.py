@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moba_attn.bench import cuda_event_ms
 from moba_attn.ops import torch_impl
 from moba_attn.ops import triton_backward as tb
 from moba_attn.ops.gate import BlockLayout, dense_causal_keys, n_attended_keys
@@ -33,40 +34,11 @@ K = 1024
 
 
 # ----------------------------------------------------------------------------- MoBA callables
-class _TorchFwdTritonBwd(torch.autograd.Function):
-    """Torch-path forward + Triton backward (used when the Triton forward is absent)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, block_size, topk, scale):
-        layout = BlockLayout.build(cu, cu, block_size)
-        sel = torch_impl._gate_all(q, k, layout, topk)
-        out, lse = torch_impl._forward(q, k, v, layout, sel, topk, scale)
-        ctx.save_for_backward(q, k, v, out, lse, sel)
-        ctx.args = (layout, topk, scale)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, sel = ctx.saved_tensors
-        layout, topk, scale = ctx.args
-        dq, dk, dv = tb.moba_backward_triton(q, k, v, out, lse.float(), dout.contiguous(), layout,
-                                             sel, topk, scale, False)
-        return dq, dk, dv, None, None, None, None
-
-
 def moba_fn():
-    """``(name, f(q, k, v, cu, T, B, topk) -> out)`` for the fastest available forward."""
-    try:
-        from moba_attn.ops import triton_attention as ta
+    """``(name, f(q, k, v, cu, T, B, topk) -> out)``: the Triton forward and backward."""
+    from moba_attn.ops import triton_attention as ta
 
-        assert ta._backward_impl() is tb.moba_backward_triton
-    except Exception as err:  # forward kernels absent or broken: torch forward
-        print(f"# triton forward unavailable ({type(err).__name__}: {err}); torch forward")
-
-        def f(q, k, v, cu, t, b, kk):
-            return _TorchFwdTritonBwd.apply(q, k, v, cu, b, kk, q.shape[-1] ** -0.5)
-
-        return "torch-fwd+triton-bwd", f
+    assert ta._backward_impl() is tb.moba_backward_triton
 
     def f(q, k, v, cu, t, b, kk):
         return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=b, topk=kk,
@@ -85,15 +57,7 @@ def time_ms(fn, long_reps=3):
     first = (time.perf_counter() - t0) * 1e3
     if first < 80:
         return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-    times = []
-    for _ in range(long_reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
+    return cuda_event_ms(fn, long_reps)
 
 
 def inputs(batch, t, hq, hkv, d, grad=True):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from moba_attn.bench import cuda_event_ms
 from moba_attn.ops import triton_attention as ta
 from moba_attn.ops import triton_gate as tg
 from moba_attn.ops.gate import BlockLayout, dense_causal_keys, n_attended_keys
@@ -57,15 +58,7 @@ def time_ms(fn, long: bool, reps: int = 3) -> float:
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return float(sorted(times)[len(times) // 2])
+    return float(cuda_event_ms(fn, reps))
 
 
 def peak_gb(fn) -> float:

@@ -187,20 +187,25 @@ def _sync(dev: torch.device):
         torch.cuda.synchronize(dev)
 
 
+def cuda_event_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of ``reps`` calls timed with CUDA events (no warm-up here)."""
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
 def time_ms(fn: Callable[[], object], dev: torch.device, repeats: int, long: bool) -> float:
     """Median milliseconds of ``fn`` after a warm-up."""
     if dev.type == "cuda":
         if long:  # seconds per call: one warm-up, 3 CUDA-event timings
             fn()
-            times = []
-            for _ in range(3):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize(dev)
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
+            return cuda_event_ms(fn, 3)
         import triton
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
@@ -532,5 +537,5 @@ def _cmd_env(args) -> int:
     return 0
 
 
-__all__ = ["BenchConfig", "run_benchmark", "run_check", "format_table", "write_results",
+__all__ = ["BenchConfig", "run_benchmark", "run_check", "format_table", "write_results", "cuda_event_ms",
            "plot_results", "env_report", "local_walk", "make_inputs"]
