@@ -7,6 +7,14 @@ from pathlib import Path
 import numpy as np
 
 
+
+def annotate_cells(ax, data, fontsize: int) -> None:
+    """Write each cell's value (2 decimals) on a [0, 1] heatmap drawn with ``imshow``."""
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=fontsize,
+                    color="white" if data[i, j] < 0.6 else "black")
+
 def _plt():
     import matplotlib
 
@@ -135,17 +143,7 @@ def plot_retrieval_heatmaps(results: dict[str, dict], path: Path) -> Path:
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
-        for i in range(acc.shape[0]):
-            for j in range(acc.shape[1]):
-                ax.text(
-                    j,
-                    i,
-                    f"{acc[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    color="white" if acc[i, j] < 0.6 else "black",
-                    fontsize=8,
-                )
+        annotate_cells(ax, acc, fontsize=8)
         ax.set_xlabel("needle depth (fraction of context)")
         ax.set_ylabel("context length")
         ax.set_title(label, fontsize=9)

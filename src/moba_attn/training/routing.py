@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..ops.gate import moba_select
+from .plots import annotate_cells
 from .trainer import LoadedRun, load_run
 
 
@@ -244,17 +245,7 @@ def plot_mass(layers: list[LayerRouting], path: Path) -> Path:
         (axes[0, 1], o, "oracle: best k-1 blocks by dense mass"),
     ):
         im = ax.imshow(data, vmin=0, vmax=1, cmap="magma", aspect="auto")
-        for i in range(data.shape[0]):
-            for j in range(data.shape[1]):
-                ax.text(
-                    j,
-                    i,
-                    f"{data[i, j]:.2f}",
-                    ha="center",
-                    va="center",
-                    fontsize=6,
-                    color="white" if data[i, j] < 0.6 else "black",
-                )
+        annotate_cells(ax, data, fontsize=6)
         ax.set_yticks(
             range(len(layers)),
             [f"{lr.layer}{' (full)' if lr.mode == 'full' else ''}" for lr in layers],
