@@ -75,17 +75,6 @@ class BlockLayout:
         return tok, valid
 
 
-def pad_blocks(x: torch.Tensor, layout: BlockLayout, dtype=None) -> torch.Tensor:
-    """Keys/values ``[total_k, H, D]`` -> ``[n_blocks * H, width, D]`` (zero padded)."""
-    tok, valid = layout.block_tokens(x.shape[0])
-    xb = x[tok] if x.shape[0] else x.new_zeros(tok.shape + x.shape[1:])  # [nb, W, H, D]
-    xb = xb.masked_fill(~valid[:, :, None, None], 0)
-    if dtype is not None:
-        xb = xb.to(dtype)
-    nb, w, h, d = xb.shape
-    return xb.permute(0, 2, 1, 3).reshape(nb * h, w, d)
-
-
 def block_view(x: torch.Tensor, layout: BlockLayout, dtype=None) -> torch.Tensor:
     """Keys/values ``[total_k, H, D]`` -> blocks ``[n_blocks, width, H, D]`` (zero padded).
 
@@ -244,6 +233,6 @@ def dense_causal_keys(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) ->
 
 
 __all__ = [
-    "BlockLayout", "block_centroids", "pad_blocks", "select_blocks", "select_all", "moba_select",
+    "BlockLayout", "block_centroids", "block_view", "select_blocks", "select_all", "moba_select",
     "sortable_key", "gate_chunk_rows", "n_attended_keys", "dense_causal_keys",
 ]

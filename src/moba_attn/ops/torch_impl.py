@@ -6,7 +6,7 @@ Schedule (key-block-major gather, like the original release's varlen calls):
   2. own blocks: one causal attention over ``[blocks, Hq, W, D]`` with every row placed at its
      in-block offset (top-left causal == MoBA's own-block rule);
   3. selected blocks: entries grouped by (block, kv head); each group is a dense attention
-     of its gathered query rows against ONE whole key block (one call per group on CPU, or
+     of its gathered query rows against ONE whole key block (one call per key block on CPU, or
      padded tiles of up to R rows batched together);
   4. each slot gives a normalised partial output and its LSE; rows merge their k slots by LSE.
 Dense pieces run on PyTorch's fused CPU flash kernel when available, else on matmuls.
@@ -55,17 +55,10 @@ class _Plan:
         self.ent, self.groups, self.counts = ent, groups, counts
         self.mean = max(1, ent.numel() // max(groups.numel(), 1))
 
-    def batches(self, width: int, per_group: bool):
+    def batches(self, width: int):
         """Yield ``(ent [C, R], key [C], rank [C])``: C tiles of up to R entries (-1 = padding)
         that each attend one whole key block ``key`` (= block * Hkv + kv head); ``rank`` is
-        the tile's index inside its group. ``per_group``: one unpadded tile per group."""
-        if per_group:
-            zero = torch.zeros(1, dtype=torch.int64, device=self.ent.device)
-            start = 0
-            for g, c in enumerate(self.counts.tolist()):
-                yield self.ent[start : start + c][None], self.groups[g : g + 1], zero
-                start += c
-            return
+        the tile's index inside its group."""
         rows = 16
         while rows < TILE_ROWS_MAX and rows * 4 < self.mean:
             rows *= 2
@@ -199,8 +192,8 @@ class _Diag:
 
 
 def _per_group(plan: _Plan, layout: BlockLayout) -> bool:
-    """One call per (block, kv head) group instead of padded tile batches: no K/V gather and
-    no padding, worth it for the CPU forward once a group carries enough work."""
+    """One fused CPU call per key block (its kv heads as the heads dim) instead of padded tile
+    batches: no K/V gather, worth it for the CPU forward once a group carries enough work."""
     return _use_cpu_flash(plan.ent) and plan.mean * layout.width >= GROUP_LOOP_MIN_WORK
 
 
@@ -257,7 +250,7 @@ def _selected_fwd(q, kb, vb, plan, layout, scale, cdt, po, pl):
         po.index_copy_(0, plan.ent, os_)
         pl.index_copy_(0, plan.ent, ls)
         return
-    for ent, key, _ in plan.batches(layout.width, False):
+    for ent, key, _ in plan.batches(layout.width):
         keep = ent >= 0
         qt = qf[plan.rows_of(ent.clamp(min=0), hq)].to(cdt)[:, None]  # [C, 1, R, D]
         o, l = tile_attn_fwd(qt, _block_heads(kb, key), _block_heads(vb, key), scale, False)
@@ -340,7 +333,7 @@ def _backward(q, k, v, out, lse, dout, layout, sel, topk, scale, deterministic):
         if topk > 1:
             plan = _Plan(sel[r0:r1], r0, hq, hkv, topk)
             dq_part = torch.zeros(n * hq * topk, d, dtype=cdt, device=q.device)
-            for ent, key, rank in plan.batches(layout.width, False):
+            for ent, key, rank in plan.batches(layout.width):
                 keep = ent >= 0
                 rows = plan.rows_of(ent.clamp(min=0), hq)
                 z = ~keep[..., None]
