@@ -237,8 +237,8 @@ def main():
     res["kernel_config"] = {"-".join(k): {str(d): c for d, c in v.items()}
                             for k, v in tb.KERNEL_CONFIG.items()}
 
-    settings = [("flashmoba", 2, 16, 128, 8, int(x)) for x in args.flashmoba_t.split(",")]
-    settings += [("paper", 1, 8, 4096, 12, int(x)) for x in args.paper_t.split(",")]
+    settings = [("flashmoba", 2, 16, 128, 8, int(x)) for x in args.flashmoba_t.split(",") if x]
+    settings += [("paper", 1, 8, 4096, 12, int(x)) for x in args.paper_t.split(",") if x]
     for name, batch, h, b, kk, tk in settings:
         if time.perf_counter() - t_start > args.budget_s:
             print(f"# budget reached: skipping {name} T={tk}K")

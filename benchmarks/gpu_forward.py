@@ -39,6 +39,9 @@ SETTINGS = {
     "flashmoba": {"batch": 2, "hq": 16, "hkv": 16, "d": 128, "block": 128, "topk": 8,
                       "lengths": [8 * K, 128 * K, 512 * K]},
     "gqa": {"batch": 1, "hq": 32, "hkv": 8, "d": 128, "block": 512, "topk": 3, "lengths": [8 * K, 32 * K, 128 * K]},
+    # the "1M tokens x 32 heads fits" check: MoBA only (dense would take minutes)
+    "paper32h": {"batch": 1, "hq": 32, "hkv": 32, "d": 128, "block": 4096, "topk": 12,
+                 "lengths": [1024 * K], "dense": False},
 }
 # Priority order (the issue's targets first), so a time budget cuts the least important runs.
 JOBS = [("paper", 1024 * K), ("flashmoba", 512 * K), ("paper", 128 * K), ("flashmoba", 128 * K),
@@ -149,7 +152,7 @@ def run_one(name, cfg, t, dense_max, log):
     dflops = dense_causal_keys(cu.cpu(), cu.cpu()) * hq * 4 * d
     for label, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
                            ("flash", SDPBackend.FLASH_ATTENTION)):
-        if t > dense_max:
+        if t > dense_max or not cfg.get("dense", True):
             continue
 
         def sdpa(backend=backend):
@@ -200,6 +203,94 @@ def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
             tg.GATE_TILE = None
 
 
+SWEEP_VARIANTS = [  # (label, partial dtype, partial budget in elements, tile config)
+    ("default", None, None, None),
+    ("fp32 partials", torch.float32, None, None),
+    ("fp32 partials, >= 1 GB per pass", torch.float32, "1GB", None),
+    ("one pass, no budget", None, "inf", None),
+    ("sel 64x64 w4", None, None, (64, 64, 4, 128, 64, 8, 3)),
+    ("sel 128x128 w8", None, None, (128, 128, 8, 128, 64, 8, 3)),
+    ("sel 64x128 w4", None, None, (64, 128, 4, 128, 64, 8, 3)),
+    ("sel 128x64 w8, 2 stages", None, None, (128, 64, 8, 128, 64, 8, 2)),
+    ("sel 64x64 w4, 2 stages", None, None, (64, 64, 4, 128, 64, 8, 2)),
+    ("sel 32x64 w4", None, None, (32, 64, 4, 128, 64, 8, 3)),
+    ("diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3)),
+]
+
+
+def fwd_sweep(log, jobs=(("flashmoba", 8 * K), ("gqa", 8 * K), ("flashmoba", 128 * K))):
+    """Forward variants (partial dtype, pass budget, tile shapes): attention ms given the
+    selection, whole-op ms, peak GB, max |difference| from fp32 partials; then the kernel
+    time breakdown of the default at the first job."""
+    out = []
+    for name, t in jobs:
+        cfg = SETTINGS[name]
+        b, hq, hkv, d, bsz, topk = (cfg[x] for x in ("batch", "hq", "hkv", "d", "block", "topk"))
+        total = b * t
+        cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
+        q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
+        scale = d ** -0.5
+        layout = BlockLayout.build(cu, cu, bsz)
+        sel = tg.gate_triton(q, k, layout, topk)
+        ta.PART_DTYPE = torch.float32
+        ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
+        ta.PART_DTYPE = None
+        for label, pdt, budget, conf in SWEEP_VARIANTS:
+            ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
+            nbytes = q.numel() * 2 + 2 * k.numel() * 2
+            ta.PART_CHUNK_ELEMS = {None: None, "inf": 1 << 40,
+                                   "1GB": min(max(nbytes // 4, 1 << 30), 1 << 32) // 4}[budget]
+            try:
+                o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]
+                diff = (o.float() - ref).abs().max().item()
+                del o
+                attn = time_ms(lambda: ta._moba_forward(q, k, v, layout, sel, topk, scale), False)
+
+                def whole():
+                    with torch.no_grad():
+                        return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz,
+                                                   topk=topk, softmax_scale=scale)
+                ms = time_ms(whole, False)
+                rec = {"setting": name, "T": t, "variant": label, "attn_ms": attn,
+                       "moba_ms": ms, "peak_gb": peak_gb(whole), "max_diff": diff}
+            except Exception as err:  # noqa: BLE001  a tile shape the compiler refuses
+                rec = {"setting": name, "T": t, "variant": label,
+                       "error": str(err).splitlines()[0][:150]}
+            finally:
+                ta.PART_DTYPE = ta.FWD_CONFIG = ta.PART_CHUNK_ELEMS = None
+            log("sweep " + json.dumps(rec))
+            out.append(rec)
+        if (name, t) == jobs[0]:
+            out.append({"setting": name, "T": t, "breakdown": kernel_breakdown(
+                lambda: ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz, topk=topk,
+                                            softmax_scale=scale), log)})
+        q = k = v = sel = ref = None  # free before the next setting
+        torch.cuda.empty_cache()
+    return out
+
+
+def kernel_breakdown(fn, log, iters=20):
+    """CUDA time per kernel name (ms per call) over ``iters`` calls, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+    rows = sorted(((e.key, e.device_time_total / 1e3 / iters) for e in prof.key_averages()),
+                  key=lambda x: -x[1])
+    total = sum(ms for _, ms in rows)
+    log(f"kernel breakdown: {total:.3f} ms of GPU time per call")
+    for key, ms in rows[:10]:
+        log(f"  {ms:8.3f} ms  {100 * ms / total:5.1f}%  {key[:90]}")
+    return [{"kernel": key, "ms": ms} for key, ms in rows]
+
+
 def table(rows) -> str:
     head = (f"{'setting':9} {'T':>6} {'moba':>9} {'gate':>7} {'attn':>8} {'cudnn':>9} "
             f"{'flash':>9} {'x cuDNN':>7} {'x FA':>6} {'TF/s':>6} {'peakGB':>6} {'cuDNNGB':>7}")
@@ -217,13 +308,15 @@ def table(rows) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
-    ap.add_argument("--settings", default="paper,flashmoba,gqa")
+    ap.add_argument("--settings", default="paper,flashmoba,gqa,paper32h")
     ap.add_argument("--quick", action="store_true", help="one length per setting")
     ap.add_argument("--dense-max", type=int, default=1024 * K, help="longest T timed densely")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new lengths after")
     ap.add_argument("--jobs", default="", help="e.g. paper:32768,gqa:8192 (default: all)")
     ap.add_argument("--gate-sweep", action="store_true",
                     help="time gate tile shapes at flashmoba 512K (checks equal selections)")
+    ap.add_argument("--fwd-sweep", action="store_true",
+                    help="forward variants (partial dtype, pass budget, tiles) + kernel breakdown")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -239,6 +332,10 @@ def main(argv=None):
     wanted = args.settings.split(",")
     if args.gate_sweep:
         gate_sweep(log)
+    if args.fwd_sweep:
+        sweep = fwd_sweep(log)
+        with open(os.path.join(args.out, "gpu_forward_sweep.json"), "w") as fh:
+            json.dump({"machine": machine(), "sweep": sweep}, fh, indent=1)
     jobs = QUICK if args.quick else JOBS
     if args.jobs:
         jobs = [(j.split(":")[0], int(j.split(":")[1])) for j in args.jobs.split(",")]

@@ -1,43 +1,57 @@
 #!/usr/bin/env bash
-# One call on a CUDA machine: GPU tests, a memcheck pass, then the benchmark settings.
-# Each step has its own time limit; logs and results are packed into $OUT/suite.tgz (default ./gpu_out).
-#   COMMIT=<sha> bash benchmarks/gpu_suite.sh
+# GPU tests and benchmarks in one call on a CUDA machine. PARTS picks the steps (run in this
+# order); each step has its own time limit. Logs and results go to $OUT/suite-$TAG.tgz (packed
+# after every step, so a killed call still returns what finished).
+#   COMMIT=<sha> bash benchmarks/gpu_suite.sh                       # every part, one GPU
+#   CUDA_VISIBLE_DEVICES=1 PARTS="decode train32" TAG=b DEADLINE=560 bash benchmarks/gpu_suite.sh
+# Parts: tests (pytest -m gpu), memcheck, fwd-sweep (forward variants + kernel breakdown),
+# fwd (the issue's forward settings), decode (sparse decode vs dense decode), train32 and
+# train128 (training-step tokens/s at 32K / 128K), bwd (fwd+bwd, FlashMoBA setting, 128K and 256K), bench
+# (`moba bench` with every provider, setting 3).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
+PARTS=${PARTS:-tests memcheck fwd-sweep fwd decode train32 train128 bwd bench}
+TAG=${TAG:-a}
 FINAL=${OUT:-gpu_out}
-OUT=$(mktemp -d)/suite  # everything is written here and packed into $FINAL/suite.tgz after each step
+OUT=$(mktemp -d)/suite-$TAG  # written here, packed into $FINAL/suite-$TAG.tgz after each step
 mkdir -p "$OUT" "$FINAL"
-step() { tar czf "$FINAL/suite.tgz" -C "$(dirname "$OUT")" suite; echo "=== $(date -u +%H:%M:%S) $*"; }
+step() { tar czf "$FINAL/suite-$TAG.tgz" -C "$(dirname "$OUT")" "suite-$TAG"; echo "=== [$TAG] $(date -u +%H:%M:%S) $*"; }
 {
-  echo "commit ${COMMIT:-unknown}, $(date -u +%Y-%m-%d)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  echo "commit ${COMMIT:-unknown}, $(date -u +%Y-%m-%d), parts: $PARTS"
+  nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$OUT/machine.txt"
 
-step "pytest -m gpu"
-timeout 200 python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -4
-
-step "compute-sanitizer memcheck (small kernel tests)"
-timeout 70 compute-sanitizer --tool memcheck --print-limit 20 python -m pytest -q -p no:cacheprovider \
-  tests/test_triton_forward.py -k "gpu_varlen_gqa and bf16 and 64" 2>&1 | tee "$OUT/memcheck.log" | tail -4
-
-B="python -m moba_attn.cli bench --no-check"
-step "setting 3 (GQA 32/8, B=512, k=3), random routing, fwd + fwd+bwd"
-timeout 110 $B --seqlens 8k,32k,128k --heads 32 --kv-heads 8 --head-dim 128 --block-size 512 --topk 3 \
-  --providers moba-triton,sdpa-flash,sdpa-cudnn,orig-moba --out "$OUT/gqa_random" 2>&1 | tail -15
-
-step "setting 1 (paper, B=4096, k=12, 8 heads), local routing, fwd"
-timeout 90 $B --seqlens 128k,1m --heads 8 --head-dim 128 --block-size 4096 --topk 12 --routing local \
-  --modes fwd --providers moba-triton,sdpa-cudnn,sdpa-flash --out "$OUT/paper_local" 2>&1 | tail -8
-
-step "setting 2 (FlashMoBA, batch 2, 16 heads, B=128, k=8), local routing, fwd"
-timeout 80 $B --seqlens 128k,512k --batch 2 --heads 16 --head-dim 128 --block-size 128 --topk 8 \
-  --routing local --modes fwd --providers moba-triton,sdpa-cudnn,sdpa-flash --out "$OUT/flashmoba_local" 2>&1 | tail -8
-
-step "setting 3, FlexAttention MoBA (exact per-token routing), fwd"
-timeout 70 $B --seqlens 8k,32k --heads 32 --kv-heads 8 --head-dim 128 --block-size 512 --topk 3 \
-  --modes fwd --providers flex-moba,moba-triton,sdpa-flash --out "$OUT/gqa_flex" 2>&1 | tail -6
-
-step "transformers integration tests on this machine's versions"
-timeout 50 python -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -2
+START=$(date +%s)
+# limit SECONDS: the part's own limit, cut to what is left before DEADLINE (seconds after start)
+limit() { local left=$(( ${DEADLINE:-100000} - ($(date +%s) - START) )); echo $(( left < $1 ? left : $1 )); }
+for part in $PARTS; do
+  step "$part"
+  if [ "$(limit 100000)" -lt 40 ]; then echo "skipped $part: deadline"; continue; fi
+  case $part in
+  tests)
+    timeout $(limit 240) python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -4
+    timeout $(limit 60) python -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -2 ;;
+  memcheck)
+    timeout $(limit 70) compute-sanitizer --tool memcheck --print-limit 20 python -m pytest -q -p no:cacheprovider \
+      tests/test_triton_forward.py -k "gpu_varlen_gqa and bf16 and 64" 2>&1 | tee "$OUT/memcheck.log" | tail -4 ;;
+  fwd-sweep)
+    timeout $(limit 150) python benchmarks/gpu_forward.py --fwd-sweep --settings none --out "$OUT/fwd_sweep" 2>&1 | tail -45 ;;
+  fwd)
+    timeout $(limit 260) python benchmarks/gpu_forward.py --out "$OUT/fwd" \
+      --jobs "${FWD_JOBS:-paper:1048576,flashmoba:524288,flashmoba:8192,gqa:8192,gqa:32768,flashmoba:131072,paper:131072,paper:32768,paper32h:1048576,paper:524288}" 2>&1 | tail -16 ;;
+  decode)
+    timeout $(limit 170) python benchmarks/gpu_decode.py --out "$OUT/decode" 2>&1 | tail -20 ;;
+  train32|train128)
+    T=$(( ${part#train} * 1024 ))
+    OUT="$OUT/$part" SEQLENS="$T" STEPS=5 STEP_TIMEOUT=110 timeout $(limit 400) bash benchmarks/train_step.sh 2>&1 | tail -6 ;;
+  bwd)
+    timeout $(limit 150) python benchmarks/gpu_backward.py --out "$OUT/bwd" --sweep none --flashmoba-t 128,256 --paper-t "" --dense-max 256 2>&1 | tail -12 ;;
+  bench)
+    timeout $(limit 110) python -m moba_attn.cli bench --no-check --seqlens 8k,32k,128k --heads 32 --kv-heads 8 \
+      --head-dim 128 --block-size 512 --topk 3 --providers moba-triton,sdpa-flash,sdpa-cudnn,orig-moba \
+      --out "$OUT/gqa_random" 2>&1 | tail -15 ;;
+  *) echo "unknown part $part" ;;
+  esac
+done
 step done

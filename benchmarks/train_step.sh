@@ -8,17 +8,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 OUT=${OUT:-train_out}
 RUNS=$(mktemp -d)
 mkdir -p "$OUT"
-for T in ${SEQLENS:-32768 131072}; do
-  for v in ${VARIANTS:-full:0:0 moba:512:3 moba:4096:12}; do
-    IFS=: read -r attn bs k <<<"$v"
-    name="T${T}-${attn}${bs/#0/}-k${k}"
-    extra=""; [ "$attn" = moba ] && extra="--block-size $bs --topk $k"
-    echo "=== $(date -u +%H:%M:%S) $name"
-    timeout "${STEP_TIMEOUT:-100}" python -m moba_attn.cli train --preset medium --attn "$attn" $extra \
-      --seq-len "$T" --batch-size 1 --steps "${STEPS:-6}" --warmup 1 --eval-every 100000 \
-      --eval-batches 1 --ckpt-every 100000 --no-progress --out "$RUNS/$name" 2>&1 | tail -3
-  done
-done
+summarise() {  # tokens/s per run so far -> $OUT/train_step.json (after every run)
 python - "$RUNS" "$OUT/train_step.json" <<'PY'
 import csv, json, statistics, sys
 from pathlib import Path
@@ -35,3 +25,17 @@ Path(sys.argv[2]).write_text(json.dumps(rows, indent=2))
 for r in rows:
     print(f"{r['run']:>26}  tokens/s {r['tokens_per_s']}  {r.get('note', '')}")
 PY
+}
+for T in ${SEQLENS:-32768 131072}; do
+  for v in ${VARIANTS:-full:0:0 moba:512:3 moba:4096:12}; do
+    IFS=: read -r attn bs k <<<"$v"
+    name="T${T}-${attn}${bs/#0/}-k${k}"
+    extra=""; [ "$attn" = moba ] && extra="--block-size $bs --topk $k"
+    echo "=== $(date -u +%H:%M:%S) $name"
+    timeout "${STEP_TIMEOUT:-100}" python -m moba_attn.cli train --preset medium --attn "$attn" $extra \
+      --seq-len "$T" --batch-size 1 --steps "${STEPS:-6}" --warmup 1 --eval-every 100000 \
+      --eval-batches 1 --ckpt-every 100000 --no-progress --out "$RUNS/$name" 2>&1 | tail -3
+    summarise >/dev/null
+  done
+done
+summarise

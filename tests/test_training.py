@@ -389,9 +389,60 @@ def test_compare_sizes_steps_to_a_time_budget(tmp_path, capsys):
     ]
     assert moba(*args) == 0
     log = capsys.readouterr().out
-    assert "steps fit 0.01 minutes" in log and not (out / ".probe").exists()
+    assert "steps fit 0.01 minutes" in log and not list(out.glob(".probe*"))
     steps = [len(rows(out / v)) for v in ("full", "moba")]
     assert steps[0] == steps[1] >= 1
     assert json.loads((out / "full" / "config.json").read_text())["steps"] == steps[0]
     assert moba(*args) == 0  # a rerun keeps the steps it started with and trains nothing more
     assert "keeping" in capsys.readouterr().out and len(rows(out / "full")) == steps[0]
+
+
+def test_plan_parallel_balances_devices_and_never_plans_zero_steps():
+    from moba_attn.training.compare import plan_parallel, split_variants
+
+    t = {"full": 1.0, "full@1": 1.0, "moba": 2.0, "hybrid": 2.0, "layer-hybrid": 1.8}
+    groups = split_variants(t, 3)
+    assert sorted(map(len, groups)) == [1, 2, 2]
+    assert sorted(k for g in groups for k in g) == sorted(t)
+    assert all(g == sorted(g, key=list(t).index) for g in groups)  # the given order inside
+    # slowest group: a MoBA variant and a full one (both full on one device would be 4.0)
+    assert max(sum(t[k] for k in g) for g in groups) == 3.0
+    plan = plan_parallel(t, 3, seconds=420, overhead_s=30)
+    assert plan["steps"] == 117 and plan["round_s"] == [sum(t[k] for k in g) for g in groups]
+    assert max(plan["expected_s"]) <= 420 and plan["loop_budget_s"] == 390
+    assert plan_parallel(t, 3, seconds=10, overhead_s=30)["steps"] == 5  # min_steps, never 0
+    assert plan_parallel(t, 1, seconds=420)["groups"] == [list(t)]
+    assert split_variants({"full": 1.0, "moba": 2.0}, 3) == [["moba"], ["full"], []]
+    with pytest.raises(ValueError, match="positive step time"):
+        plan_parallel({"full": 0.0}, 2, 60)
+
+
+@needs_moba
+def test_compare_split_over_processes_then_one_report(tmp_path, capsys):
+    """Disjoint --train-only runs share --out; the final run trains nothing and reports all."""
+    out = tmp_path / "cmp"
+    common = ["--steps", "3", "--block-size", "32", "--topk", "2", "--out", str(out), *SMALL]
+    times_file = tmp_path / "probe.json"
+    assert moba("compare", "--variants", "full,moba", "--probe", str(times_file), *common) == 0
+    times = json.loads(times_file.read_text())
+    assert list(times) == ["full", "moba"] and all(v > 0 for v in times.values())
+    assert not list(out.glob(".probe*")) and not (out / "full").exists()
+
+    for subset in ("full,moba", "layer-hybrid"):
+        assert moba("compare", "--variants", subset, "--train-only", *common) == 0
+    assert not [p for p in ("summary.md", "compare.png", "eval") if (out / p).exists()]
+    variants = ("full", "moba", "layer-hybrid")
+    before = {v: ((out / v / "checkpoint.pt").stat().st_mtime_ns, rows(out / v)) for v in variants}
+    assert all(len(r) == 3 for _, r in before.values())
+    capsys.readouterr()
+
+    final = ["--eval-seqs", "2", "--eval-samples", "1"]
+    assert moba("compare", "--variants", ",".join(variants), *final, *common) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    after = {v: ((out / v / "checkpoint.pt").stat().st_mtime_ns, rows(out / v)) for v in variants}
+    assert after == before  # no step taken, no checkpoint rewritten
+    with open(out / "summary.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["variant"] for r in table] == list(variants)
+    assert all(int(r["steps"]) == 3 and r["trailing_loss"] for r in table)
+    assert is_png(out / "compare.png") and is_png(out / "eval" / "retrieval_heatmap.png")

@@ -216,6 +216,32 @@ def test_pass_splits_match_one_pass(monkeypatch):
     assert len(ta._passes(ts, te, hq, hkv, topk - 1, d, hkv * per_head)) == 1
 
 
+def test_partial_dtype_and_key_width_do_not_change_routing(monkeypatch):
+    # fp16 inputs: fp16 partials (default) vs fp32 partials, int16 vs int32 sort keys
+    lens, bsz, topk = [40, 300], 16, 4
+    q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float16)
+    layout = BlockLayout.build(cu(lens), cu(lens), bsz)
+    sel = _gate_all(q, k, layout, topk)
+    assert ta._part_dtype(q) == torch.float16
+    base = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
+    monkeypatch.setattr(ta, "INT16_KEYS_MAX", 0)  # int32 keys: same sort, same tiles
+    wide = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
+    assert torch.equal(base[0], wide[0]) and torch.equal(base[1], wide[1])
+    monkeypatch.setattr(ta, "PART_DTYPE", torch.float32)
+    f32 = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
+    assert torch.equal(base[1], f32[1])  # the LSE never goes through the partial dtype
+    assert err(base[0], f32[0]) <= 2e-3
+
+
+def test_partial_budget_rule():
+    q = torch.empty(1000, 8, 128, dtype=torch.bfloat16)
+    assert ta._part_budget_elems(q, torch.bfloat16) == ta.PART_MIN_BYTES // 2  # floor
+    big = torch.empty(1 << 20, 8, 128, dtype=torch.bfloat16, device="meta")  # 2 GB output
+    assert ta._part_budget_elems(big, torch.bfloat16) == ta.PART_MAX_BYTES // 2  # cap
+    mid = torch.empty(1 << 18, 8, 128, dtype=torch.bfloat16, device="meta")  # 512 MB
+    assert ta._part_budget_elems(mid, torch.float32) == 2 * (512 << 20) // 4
+
+
 def test_cu_seqlens_memo_follows_in_place_changes():
     cq = cu([100, 60])
     lay = ta._layout_for(cq, cq, 16)

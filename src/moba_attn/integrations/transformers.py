@@ -22,8 +22,8 @@ How it plugs in (nothing is patched at import time):
   the KV cache (a :class:`MobaDecodeState` attached to the cache's layer object, found through
   a forward pre-hook that sees the ``cache`` / ``past_key_values`` argument), updated one
   block at a time as blocks fill. A decode step costs O(Tk / block_size) for gating plus
-  O(topk * block_size) for attention (:func:`moba_decode_attention`, the pure-PyTorch step; a
-  CUDA kernel with the same signature can replace it).
+  O(topk * block_size) for attention (:func:`moba_decode_attention`: Triton kernels on CUDA,
+  the pure-PyTorch step elsewhere).
 - Layers in ``full_attn_layers`` (and, with ``decode="full"``, every call that has cached keys)
   use PyTorch SDPA with the padding/causal mask, i.e. the model's dense attention.
 
@@ -322,8 +322,35 @@ def _capture_cache(module, args, kwargs):
 
 
 # ----------------------------------------------------------------------------- attention paths
-def moba_decode_attention(q, key, value, first, n_real, centroids, *, block_size, topk, scale):
-    """One MoBA decode step per row, gating against cached centroids (pure PyTorch).
+DECODE_BACKENDS = ("auto", "torch", "triton")
+DECODE_BACKEND = "auto"  # default of moba_decode_attention: Triton on CUDA, else PyTorch
+
+
+def _decode_backend(q, key, block_size: int, topk: int, backend: str | None) -> str:
+    """``"triton"`` or ``"torch"``: which implementation runs this decode step."""
+    backend = DECODE_BACKEND if backend is None else backend
+    if backend not in DECODE_BACKENDS:
+        raise ValueError(f"decode backend must be one of {DECODE_BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
+        return "torch"
+    try:
+        from ..ops.triton_decode import unsupported_reason
+    except ImportError as exc:
+        if backend == "triton":
+            raise ImportError("the Triton decode kernels need triton: "
+                              "pip install 'moba-attn[triton]'") from exc
+        return "torch"
+    reason = unsupported_reason(q, key, block_size, topk)
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run this decode step: {reason}")
+    return "torch"
+
+
+def moba_decode_attention(q, key, value, first, n_real, centroids, *, block_size, topk, scale,
+                          backend: str | None = None):
+    """One MoBA decode step per row, gating against cached centroids.
 
     Args:
         q: ``[B, Hq, D]``, the query at real position ``n_real[b] - 1`` of row ``b``.
@@ -333,11 +360,19 @@ def moba_decode_attention(q, key, value, first, n_real, centroids, *, block_size
         centroids: ``[B, NB, Hkv, D]`` fp32 mean keys of the row's full blocks; every block
             before the query's own block must be there (more columns are ignored).
         block_size, topk, scale: as in ``moba_attn_varlen_func``.
+        backend: ``"triton"`` (``ops.triton_decode``: a few kernel launches, no host sync),
+            ``"torch"`` (``_decode_rows``, the reference), ``"auto"`` (Triton for CUDA tensors
+            the kernels cover, else torch); None: the module's ``DECODE_BACKEND``.
 
     Returns ``[B, Hq, D]`` in q's dtype; rows with ``n_real == 0`` get zeros. Gating reads
-    O(NB) centroids, attention O(topk * block_size) keys per head (a CUDA kernel with this
-    signature can replace it).
+    O(NB) centroids, attention O(topk * block_size) keys per head. Raises ``ValueError`` for
+    an unknown backend, or ``backend="triton"`` on a call the kernels do not cover.
     """
+    if _decode_backend(q, key, block_size, topk, backend) == "triton":
+        from ..ops.triton_decode import moba_decode_triton
+
+        return moba_decode_triton(q, key, value, first, n_real, centroids, block_size=block_size,
+                                  topk=topk, scale=scale)
     bsz, hq, d = q.shape
     n_sel = min(topk, centroids.shape[1] + 1)
     step = max(1, DECODE_CHUNK_ELEMS // max(hq * n_sel * block_size * d, 1))
@@ -549,7 +584,8 @@ def moba_attention_forward(module, query, key, value, attention_mask, dropout: f
     if past > 0 and tq == 1 and rows.contiguous:
         out = moba_decode_attention(query[:, :, 0], key, value, rows.first, rows.n_real,
                                     state.centroids, block_size=s.block_size, topk=s.topk,
-                                    scale=scaling)
+                                    scale=scaling,
+                                    backend=s.backend if s.backend in DECODE_BACKENDS else "torch")
         if rows.valid is not None:  # a padded query slot gets zeros
             out = out * rows.valid[:, -1, None, None].to(out.dtype)
         return out[:, None], None

@@ -11,8 +11,10 @@ Schedule (exact per-token routing; see ``naive.py`` for the rule):
   3. ``_diag_merge_kernel`` runs the causal own-block attention of every query tile (a plain
      block-diagonal causal attention) and merges the k-1 partials of each row into it by LSE,
      writing the final output and LSE.
-A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]`` fp32) fit
-``_part_budget_elems``: one key kernel, one sort and one launch per stage for the whole call.
+Partials are stored in the input dtype (fp16/bf16; fp32 for fp32 inputs), the merge is fp32.
+A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``) fit
+``_part_budget_elems`` (twice the output's bytes, 256 MB to 4 GB): one key kernel, one sort
+and one launch per stage for the whole call.
 Otherwise passes take groups of kv heads over all rows, or (long T) one kv head over row
 chunks, so the partials never reach ``[T, H, k, D]`` at long T.
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
@@ -37,7 +39,17 @@ from . import triton_gate
 from .gate import BlockLayout
 
 LOG2E = 1.4426950408889634
-PART_CHUNK_ELEMS: int | None = None  # override of the partial-buffer budget (fp32 elements)
+PART_CHUNK_ELEMS: int | None = None  # override of the partial-buffer budget (elements)
+# Partial outputs of the selected blocks are stored in this dtype (None: the input dtype for
+# fp16/bf16, fp32 for fp32 inputs). They are normalised (a convex combination of V rows), so
+# the input dtype holds them without overflow; the LSE merge runs in fp32.
+PART_DTYPE: torch.dtype | None = None
+# Partial-buffer budget: twice the output's bytes, within [PART_MIN_BYTES, PART_MAX_BYTES],
+# so the forward's peak memory stays within a small multiple of dense attention's.
+PART_MIN_BYTES = 256 << 20
+PART_MAX_BYTES = 4 << 30
+INT16_KEYS_MAX = (1 << 15) - 1  # passes with fewer buckets sort int16 keys
+FWD_CONFIG: tuple | None = None  # override of ``_configs`` (benchmarks sweep tile shapes)
 LAST_PATH = ""  # which path the last forward took: "cudnn-dense", "kernels" or "torch"
 POISON = False  # debugging/tests: fill outputs and partial buffers with NaN before the kernels
 _warned: set[str] = set()
@@ -52,7 +64,7 @@ def _interpreting() -> bool:
 def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
                        stride_st, stride_sh, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     """Sort key of every (row, q head, slot) entry of a pass: ``kv head (local) * n_blocks +
-    block`` (int32), ``n_buckets`` for an unused slot. Entry ``e = ((row-r0)*HS + g)*K1 + j``."""
+    block`` (int16 or int32), ``n_buckets`` for an unused slot. Entry ``e = ((row-r0)*HS + g)*K1 + j``."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < n_ent
     row = r0 + e // (HS * K1)
@@ -60,7 +72,7 @@ def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
     j = e % K1
     s = tl.load(SEL + row * stride_st + (h0 + g) * stride_sh + j, mask=m, other=-1)
     key = tl.where(s >= 0, s + (g // GROUP) * n_blocks, n_buckets)
-    tl.store(KEY + e, key.to(tl.int32), mask=m)
+    tl.store(KEY + e, key.to(KEY.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -112,7 +124,8 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
             m_i = m_new
         o = acc / l_i[:, None]
         lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
-        tl.store(PO + ent[:, None] * D + d[None, :], o, mask=emask[:, None])
+        tl.store(PO + ent[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
+                 mask=emask[:, None])
         tl.store(PL + ent, lse, mask=emask)
 
 
@@ -173,7 +186,8 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
         ent = ((rows - r0) * HS + g) * K1 + j
         pl = tl.load(PL + ent, mask=used, other=0.0) * 1.4426950408889634  # log2 domain
         pl = tl.where(used, pl, -1.0e30)
-        po = tl.load(PO + ent[:, None] * D + d[None, :], mask=used[:, None], other=0.0)
+        po = tl.load(PO + ent[:, None] * D + d[None, :], mask=used[:, None],
+                     other=0.0).to(tl.float32)
         m_new = tl.maximum(m_i, pl)
         alpha = tl.math.exp2(m_i - m_new)
         beta = tl.where(used, tl.math.exp2(pl - m_new), 0.0)
@@ -226,16 +240,27 @@ def _diag_tiles(layout: BlockLayout, bm: int, split_blocks: bool):
     return start, end
 
 
-def _part_budget_elems(q, k, v) -> int:
+def _part_dtype(q) -> torch.dtype:
+    if PART_DTYPE is not None:
+        return PART_DTYPE
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _part_budget_elems(q, part_dtype) -> int:
+    """Elements of partial output one pass may hold."""
     if PART_CHUNK_ELEMS is not None:
         return int(PART_CHUNK_ELEMS)
-    nbytes = q.numel() * q.element_size() + 2 * k.numel() * k.element_size()
-    return int(min(max(nbytes // 4, 1 << 30), 1 << 32)) // 4  # fp32 elements, 1 GB..4 GB
+    out_bytes = q.numel() * q.element_size()
+    nbytes = min(max(2 * out_bytes, PART_MIN_BYTES), PART_MAX_BYTES)
+    return nbytes // torch.empty(0, dtype=part_dtype).element_size()
 
 
 def _configs(d: int, block_size: int, dense_entries: float):
     """Tile shapes ``(sel BM, sel BN, sel warps, diag BM, diag BN, diag warps, stages)``."""
     bn_cap = _pow2_divisor(block_size)
+    if FWD_CONFIG is not None:
+        sbm, sbn, sw, dbm, dbn, dw, st = FWD_CONFIG
+        return sbm, min(sbn, bn_cap), sw, dbm, dbn, dw, st
     if _interpreting():
         return 32, min(32, bn_cap), 4, 32, 32, 4, 1
     bn = 128 if d <= 64 else (64 if d <= 128 else 32)
@@ -336,11 +361,15 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
 
     if sel.stride(2) != 1:
         sel = sel.contiguous()
-    passes = _passes(ts_np, te_np, hq, hkv, k1, d, _part_budget_elems(q, k, v))
+    part_dtype = _part_dtype(q)
+    passes = _passes(ts_np, te_np, hq, hkv, k1, d, _part_budget_elems(q, part_dtype))
     n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in passes)
-    part_o = torch.empty(n_ent_cap, d, dtype=torch.float32, device=q.device)
+    part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
     part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
-    keys = torch.empty(n_ent_cap, dtype=torch.int32, device=q.device)
+    # bucket keys are < 2**15 in most calls: int16 halves the radix sort's passes
+    max_buckets = max(nkh for _, nkh, _, _, _, _ in passes) * n_blocks
+    key_dtype = torch.int16 if max_buckets < INT16_KEYS_MAX else torch.int32
+    keys = torch.empty(n_ent_cap, dtype=key_dtype, device=q.device)
     if POISON:
         part_o.fill_(float("nan"))
         part_l.fill_(float("nan"))
@@ -357,7 +386,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         )
         sorted_b, ent = torch.sort(kv, stable=True)
         bounds = torch.searchsorted(
-            sorted_b, _arange_cached(layout, n_buckets + 1, torch.int32, q.device))
+            sorted_b, _arange_cached(layout, n_buckets + 1, key_dtype, q.device))
         ntile = torch.diff(bounds).add_(sel_bm - 1).div_(sel_bm, rounding_mode="floor")
         tile_end = torch.cumsum(ntile, 0)  # the kernel derives each bucket's first tile
         n_ub = triton.cdiv(n_ent, sel_bm) + min(n_buckets, n_ent)  # >= tiles needed

@@ -175,8 +175,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from .compare import probe_variants, run_compare
 
+    if args.probe:
+        import json
+
+        times = probe_variants(_config(args, "full"), args.out, variants=args.variants)
+        Path(args.probe).write_text(json.dumps(times, indent=2) + "\n")
+        return 0
     res = run_compare(
         _config(args, "full"),
         args.out,
@@ -187,6 +193,7 @@ def cmd_compare(args) -> int:
         progress=not args.no_progress,
         eval_seqs=args.eval_seqs,
         eval_samples=args.eval_samples,
+        train_only=args.train_only,
     )
     return 0 if res["complete"] else 3
 
@@ -275,6 +282,21 @@ def add_parsers(subparsers) -> None:
     )
     p.add_argument(
         "--eval-samples", type=int, default=16, help="retrieval samples per (length, depth) cell"
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train (or resume) the variants and stop: no evaluation, compare.png or summary. "
+        "Processes with disjoint --variants and the same --steps may share --out this way; a "
+        "last run with all the variants and no --train-only evaluates and reports them",
+    )
+    g.add_argument(
+        "--probe",
+        default=None,
+        metavar="FILE",
+        help="only time a few steps of each variant on this device (throwaway runs under "
+        "OUT/.probe-PID) and write {variant: seconds per step} to FILE as JSON; trains nothing",
     )
     p.set_defaults(func=cmd_compare)
 

@@ -8,12 +8,20 @@ Variants (``--variants``, comma separated; ``NAME@SEED`` overrides the seed):
   layer-hybrid  MoBA, except the layers in ``--full-attn-layers`` (preset default: last 2)
 Training is round-robin, one step of each variant in turn, so an interrupted comparison (time
 limit) leaves every variant at the same step; rerunning the same command resumes all of them.
+
+Several devices: every variant lives in its own ``out/<variant>/``, so processes with disjoint
+``--variants`` can train into the same ``--out`` at once with ``--train-only`` (no joint report)
+and the same ``--steps``; a last run with all the variants then finds each one finished, trains
+nothing, and evaluates and reports them together. :func:`probe_variants` and
+:func:`plan_parallel` pick the split and the step count (``benchmarks/compare_gpus.sh``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +31,7 @@ import numpy as np
 from .config import PRESETS, TrainConfig
 from .data import load_corpus
 from .modeling import moba_sparsity
-from .trainer import Run, _bar, describe
+from .trainer import Run, _bar, describe, resolve_device
 
 VARIANTS = ("full", "moba", "hybrid", "layer-hybrid")
 DEFAULT_VARIANTS = "full,full@1,moba,hybrid,layer-hybrid"
@@ -69,6 +77,7 @@ def run_compare(
     progress: bool = True,
     eval_seqs: int = 32,
     eval_samples: int = 16,
+    train_only: bool = False,
     log=print,
 ) -> dict:
     """Train the variants round-robin, then evaluate them and write the combined report.
@@ -76,6 +85,11 @@ def run_compare(
     ``train_minutes``: instead of ``base.steps``, time a few steps of every variant on this
     device first and take the number of steps that fits that much training time (all variants
     together; evaluation comes on top). A resumed comparison keeps the steps it started with.
+
+    ``train_only``: train (or resume) and stop there: no ``compare.png``, evaluation or summary,
+    so that processes training disjoint variants into the same ``out`` write only their own
+    ``out/<variant>/``. A variant already at its last step is not stepped again, and its files
+    are left as the process that trained it wrote them.
 
     Writes ``out/<variant>/`` (each a normal ``moba train`` run directory), ``out/compare.png``
     (loss curves), ``out/eval/`` (``moba eval`` of all variants) and ``out/summary.{csv,md,json}``.
@@ -101,7 +115,7 @@ def run_compare(
             log(f"[moba compare] resuming: keeping {steps} steps from {saved[0]}")
         else:
             round_s = probe_round_time(base, specs, corpus, out)
-            steps = max(1, int(0.9 * 60 * train_minutes / round_s))
+            steps = steps_for_budget(round_s, 60 * train_minutes, min_steps=1)
             log(
                 f"[moba compare] one round (a step of each of {len(specs)} variants) takes "
                 f"{round_s:.2f} s here: {steps} steps fit {train_minutes:g} minutes"
@@ -123,6 +137,9 @@ def run_compare(
         )
     start = time.perf_counter()
     done_steps = min(r.step_no for r in runs)
+    start_steps = {r.label: r.step_no for r in runs}
+    if all(r.done for r in runs):
+        log(f"[moba compare] every variant is at step {base.steps} already: nothing to train")
     bar = _bar(total=base.steps, initial=done_steps, desc="compare", enabled=progress)
     stopped = False
     try:
@@ -142,9 +159,29 @@ def run_compare(
                 break
     finally:
         bar.close()
-    summaries = {r.label: r.finish() for r in runs}
+    summaries = {
+        r.label: (
+            r.finish()
+            if r.step_no > start_steps[r.label] or not (r.out / "summary.json").exists()
+            else r.summary()
+        )
+        for r in runs
+    }
     for run in runs:
         run.close()
+    step = min(r.step_no for r in runs)
+    if stopped:
+        log(
+            f"[moba compare] time limit reached at step {step}/{base.steps}; rerun the same command to "
+            "continue (checkpoints saved)"
+            + ("" if train_only else "; evaluation runs when all variants finish")
+        )
+    if train_only:
+        log(
+            f"[moba compare] {', '.join(summaries)}: step {step}/{base.steps} in {out} "
+            "(--train-only: no evaluation or joint report)"
+        )
+        return {"complete": not stopped, "step": step, "summaries": summaries}
     from .plots import plot_loss_curves
 
     plot_loss_curves(
@@ -155,11 +192,6 @@ def run_compare(
         reference=next((r.label for r in runs if r.cfg.attn == "full"), None),
     )
     if stopped:
-        step = min(r.step_no for r in runs)
-        log(
-            f"[moba compare] time limit reached at step {step}/{base.steps}; rerun the same command to "
-            "continue (checkpoints saved); evaluation runs when all variants finish"
-        )
         _write_summary(out, runs, summaries, None, base)
         return {"complete": False, "step": step, "summaries": summaries}
     r = runs = None  # free the models (the loop variable holds one too) before evaluating
@@ -169,6 +201,7 @@ def run_compare(
     results, _ = run_eval(
         [out / label for label, _, _ in specs],
         out=out / "eval",
+        device=base.device,
         n_seqs=eval_seqs,
         samples=eval_samples,
         show=False,
@@ -186,30 +219,127 @@ def probe_round_time(
     base: TrainConfig, specs, corpus, out: Path, warmup: int = 2, timed: int = 3
 ) -> float:
     """Seconds per round (one step of every variant), timed on throwaway copies of the runs."""
+    return sum(probe_step_times(base, specs, corpus, out, warmup, timed).values())
+
+
+def probe_step_times(
+    base: TrainConfig, specs, corpus, out: Path, warmup: int = 2, timed: int = 3
+) -> dict[str, float]:
+    """Wall seconds per training step of each variant (``{label: s}``, mean of ``timed`` steps
+    after ``warmup``), stepped round-robin as in training on throwaway copies of the runs under
+    ``out/.probe-<pid>`` (removed afterwards). With the default ``switch_at`` every timed step
+    of a hybrid is a MoBA step, its slower stage."""
     import shutil
 
-    probe = out / ".probe"
+    probe = out / f".probe-{os.getpid()}"
     shutil.rmtree(probe, ignore_errors=True)
     cfg = replace(base, steps=warmup + timed + 1, eval_every=10**9, ckpt_every=10**9)
     runs = [
         Run(variant_config(cfg, v, s), probe / label, label=label, corpus=corpus)
         for label, v, s in specs
     ]
+    spent = dict.fromkeys((r.label for r in runs), 0.0)
     try:
-        for _ in range(warmup):
+        for i in range(warmup + timed):
             for r in runs:
+                t0 = time.perf_counter()
                 r.step()
-        t0 = time.perf_counter()
-        for _ in range(timed):
-            for r in runs:
-                r.step()
-        return (time.perf_counter() - t0) / timed
+                if i >= warmup:
+                    spent[r.label] += time.perf_counter() - t0
+        return {label: s / timed for label, s in spent.items()}
     finally:
         for r in runs:
             r.close()
         del runs
         _free_device_memory()
         shutil.rmtree(probe, ignore_errors=True)
+
+
+def probe_variants(
+    base: TrainConfig, out: str | Path, *, variants: str = DEFAULT_VARIANTS, log=print
+) -> dict[str, float]:
+    """:func:`probe_step_times` of ``variants`` on ``base.device``; trains nothing that stays."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = base.resolved()
+    specs = parse_variants(variants, base.seed)
+    corpus = load_corpus(base.data, base.tokenizer, base.corpus)
+    times = probe_step_times(base, specs, corpus, out)
+    log(
+        f"[moba compare] seconds per step, {_describe_base(base)}, batch {base.batch_size}, "
+        f"on {resolve_device(base.device)}: " + ", ".join(f"{k} {v:.3f}" for k, v in times.items())
+    )
+    return times
+
+
+def steps_for_budget(
+    round_s: float, seconds: float, *, margin: float = 0.9, min_steps: int = 1
+) -> int:
+    """Steps whose rounds of ``round_s`` seconds fill ``margin`` of ``seconds`` (held-out
+    evaluations, checkpoints and timing noise take the rest); at least ``min_steps``."""
+    if not (math.isfinite(round_s) and round_s > 0):
+        raise ValueError(f"round time must be a positive number of seconds, got {round_s}")
+    if min_steps < 1:
+        raise ValueError(f"min_steps must be >= 1, got {min_steps}")
+    return max(min_steps, int(margin * max(seconds, 0.0) / round_s))
+
+
+def split_variants(step_s: dict[str, float], n_groups: int) -> list[list[str]]:
+    """Share the variants ``{label: seconds per step}`` among ``n_groups`` processes so that the
+    slowest group's round (the sum of its step times) is short: slowest variant first, each to
+    the least loaded group that holds fewer than ``ceil(n / n_groups)`` variants (5 variants on
+    3 groups: 2/2/1). Groups keep the order of ``step_s``; with fewer variants than groups the
+    extra groups are empty."""
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be >= 1, got {n_groups}")
+    order = list(step_s)
+    cap = max(1, math.ceil(len(order) / n_groups))
+    groups: list[list[str]] = [[] for _ in range(n_groups)]
+    load = [0.0] * n_groups
+    for label in sorted(order, key=lambda k: -step_s[k]):  # stable: ties keep the given order
+        g = min((i for i in range(n_groups) if len(groups[i]) < cap), key=lambda i: load[i])
+        groups[g].append(label)
+        load[g] += step_s[label]
+    return [sorted(g, key=order.index) for g in groups]
+
+
+def plan_parallel(
+    step_s: dict[str, float],
+    n_groups: int,
+    seconds: float,
+    *,
+    overhead_s: float = 0.0,
+    margin: float = 0.9,
+    min_steps: int = 5,
+) -> dict:
+    """Split the variants over ``n_groups`` devices and pick the one step count that lets the
+    slowest group finish within ``seconds`` of wall time, ``overhead_s`` of it going to process
+    start-up (imports, data, models, first-step compilation)::
+
+        steps = max(min_steps, floor(margin * (seconds - overhead_s) / max(group round time)))
+
+    Returns ``groups`` (labels per device, possibly empty), ``round_s`` (seconds per round of
+    each group), ``steps``, ``expected_s`` (each group's estimated wall time) and
+    ``loop_budget_s`` (``seconds - overhead_s``, a time limit for the training loops).
+    """
+    bad = {k: v for k, v in step_s.items() if not (math.isfinite(v) and v > 0)}
+    if not step_s or bad:
+        raise ValueError(f"need a positive step time for every variant, got {step_s}")
+    groups = split_variants(step_s, n_groups)
+    round_s = [sum(step_s[k] for k in g) for g in groups]
+    loop_s = max(seconds - overhead_s, 0.0)
+    steps = steps_for_budget(max(round_s), loop_s, margin=margin, min_steps=min_steps)
+    return {
+        "step_s": dict(step_s),
+        "groups": groups,
+        "round_s": round_s,
+        "steps": steps,
+        "expected_s": [overhead_s + steps * r for r in round_s],
+        "seconds": seconds,
+        "overhead_s": overhead_s,
+        "loop_budget_s": loop_s,
+        "margin": margin,
+    }
 
 
 def _describe_base(base: TrainConfig) -> str:
