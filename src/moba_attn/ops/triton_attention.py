@@ -13,12 +13,13 @@ Schedule (exact per-token routing; see ``naive.py`` for the rule):
      writing the final output and LSE.
 Partials are stored in the input dtype (fp16/bf16; fp32 for fp32 inputs), the merge is fp32.
 A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``) fit
-``_part_budget_elems`` (twice the output's bytes, 256 MB to 4 GB): one key kernel, one sort
+``_part_budget_elems`` (half the output's bytes, 256 MB to 4 GB): one key kernel, one sort
 and one launch per stage for the whole call.
 Otherwise passes take groups of kv heads over all rows, or (long T) one kv head over row
 chunks, so the partials never reach ``[T, H, k, D]`` at long T.
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
-the op calls cuDNN attention instead. Host copies of ``cu_seqlens`` and the block layouts
+the op calls cuDNN attention instead, forward and backward (with ``deterministic=True`` the
+backward stays the Triton one). Host copies of ``cu_seqlens`` and the block layouts
 built from them are memoised per live tensor pair, so repeated calls (every layer of a step)
 do no host sync. Unsupported configs fall back to the torch path.
 """
@@ -44,8 +45,8 @@ PART_CHUNK_ELEMS: int | None = None  # override of the partial-buffer budget (el
 # fp16/bf16, fp32 for fp32 inputs). They are normalised (a convex combination of V rows), so
 # the input dtype holds them without overflow; the LSE merge runs in fp32.
 PART_DTYPE: torch.dtype | None = None
-# Partial-buffer budget: twice the output's bytes, within [PART_MIN_BYTES, PART_MAX_BYTES],
-# so the forward's peak memory stays within a small multiple of dense attention's.
+# Partial-buffer budget: half the output's bytes, within [PART_MIN_BYTES, PART_MAX_BYTES], so
+# the forward's peak stays near dense attention's (output + LSE) plus index-sized buffers.
 PART_MIN_BYTES = 256 << 20
 PART_MAX_BYTES = 4 << 30
 INT16_KEYS_MAX = (1 << 15) - 1  # passes with fewer buckets sort int16 keys
@@ -135,9 +136,10 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_ot, stride_oh, stride_st, stride_sh,
                        GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       K1P: tl.constexpr, IEEE: tl.constexpr):
     """Causal own-block attention of a query tile for one q head, then the LSE merge of the
-    row's k-1 selected-block partials; writes the final output and LSE."""
+    row's k-1 selected-block partials (``K1P``: k-1 rounded up to a power of two); writes the
+    final output and LSE."""
     t = tile0 + tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     h = h0 + g
@@ -179,21 +181,29 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
-    # Merge the selected-block partials: each is a normalised output o_j with LSE_j.
+    # Merge the selected-block partials (each a normalised output o_j with LSE_j). All slots'
+    # selections and LSEs are loaded at once, so the weights are known before any partial is
+    # read and the partial loads do not wait on each other.
+    jj = tl.arange(0, K1P)
+    slot_ok = rmask[:, None] & (jj[None, :] < K1)
+    blk = tl.load(SEL + rows[:, None] * stride_st + h * stride_sh + jj[None, :], mask=slot_ok,
+                  other=-1)  # [BM, K1P]
+    used = blk >= 0
+    ent0 = ((rows - r0) * HS + g) * K1  # [BM] entry id of the row's slot 0
+    ents = ent0[:, None] + jj[None, :]
+    pl = tl.load(PL + ents, mask=used, other=0.0) * 1.4426950408889634  # log2 domain
+    pl = tl.where(used, pl, -1.0e30)
+    m_new = tl.maximum(m_i, tl.max(pl, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    w = tl.where(used, tl.math.exp2(pl - m_new[:, None]), 0.0)  # [BM, K1P]
+    acc = acc * alpha[:, None]
+    l_i = l_i * alpha + tl.sum(w, axis=1)
+    m_i = m_new
     for j in range(K1):
-        blk = tl.load(SEL + rows * stride_st + h * stride_sh + j, mask=rmask, other=-1)
-        used = blk >= 0
-        ent = ((rows - r0) * HS + g) * K1 + j
-        pl = tl.load(PL + ent, mask=used, other=0.0) * 1.4426950408889634  # log2 domain
-        pl = tl.where(used, pl, -1.0e30)
-        po = tl.load(PO + ent[:, None] * D + d[None, :], mask=used[:, None],
+        wj = tl.sum(tl.where(jj[None, :] == j, w, 0.0), axis=1)  # [BM]
+        po = tl.load(PO + (ent0 + j)[:, None] * D + d[None, :], mask=(wj > 0)[:, None],
                      other=0.0).to(tl.float32)
-        m_new = tl.maximum(m_i, pl)
-        alpha = tl.math.exp2(m_i - m_new)
-        beta = tl.where(used, tl.math.exp2(pl - m_new), 0.0)
-        acc = acc * alpha[:, None] + beta[:, None] * po
-        l_i = l_i * alpha + beta
-        m_i = m_new
+        acc += wj[:, None] * po
     out = acc / l_i[:, None]
     tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=rmask[:, None])
@@ -251,7 +261,7 @@ def _part_budget_elems(q, part_dtype) -> int:
     if PART_CHUNK_ELEMS is not None:
         return int(PART_CHUNK_ELEMS)
     out_bytes = q.numel() * q.element_size()
-    nbytes = min(max(2 * out_bytes, PART_MIN_BYTES), PART_MAX_BYTES)
+    nbytes = min(max(out_bytes // 2, PART_MIN_BYTES), PART_MAX_BYTES)
     return nbytes // torch.empty(0, dtype=part_dtype).element_size()
 
 
@@ -264,9 +274,12 @@ def _configs(d: int, block_size: int, dense_entries: float):
     if _interpreting():
         return 32, min(32, bn_cap), 4, 32, 32, 4, 1
     bn = 128 if d <= 64 else (64 if d <= 128 else 32)
-    sel_bm = 128 if (dense_entries >= 128 and d <= 128) else 64
+    # 64-entry tiles of 4 warps were faster at blocks of 128 and 512 (H200 sweep, 2026-11-28:
+    # benchmarks/RESULTS.md); larger blocks keep 128-row tiles, their loops are long
+    small = block_size <= 512
+    sel_bm = 128 if (dense_entries >= 128 and d <= 128 and not small) else 64
     sel_bn = min(bn, bn_cap)
-    diag_bm = 128 if (block_size >= 128 and d <= 128) else 64
+    diag_bm = 128 if (block_size >= 128 and d <= 128 and not small) else 64
     return (sel_bm, sel_bn, 8 if sel_bm == 128 else 4, diag_bm, min(bn, 64),
             8 if diag_bm == 128 else 4, 2 if d > 128 else 3)
 
@@ -354,7 +367,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         _diag_merge_kernel[(ts_np.shape[0], hq)](
             q, k, v, out, lse, lse, lse, sel, tile_rs, tile_re, row_ks, row_ke,
             0, 0, 0, hq, 0, total_q, scale2, *common, out.stride(0), out.stride(1), 0, 0,
-            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, IEEE=ieee,
+            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=1, IEEE=ieee,
             num_warps=diag_w, num_stages=stages,
         )
         return out, lse
@@ -402,7 +415,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
             q, k, v, out, lse, part_o, part_l, sel, tile_rs, tile_re, row_ks, row_ke,
             t_lo, r0, h0, hs, k1, total_q, scale2, *common,
             out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
-            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, IEEE=ieee,
+            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=triton.next_power_of_2(k1), IEEE=ieee,
             num_warps=diag_w, num_stages=stages,
         )
     return out, lse
@@ -602,9 +615,17 @@ def moba_attn_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
         return moba_attn_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                block_size=block_size, topk=topk, softmax_scale=softmax_scale,
                                deterministic=deterministic)
-    return MobaTritonFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q,
-                                    cu_seqlens_k, block_size, topk, float(softmax_scale),
-                                    deterministic)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if not deterministic:
+        # exactly dense causal: cuDNN forward, and its backward through autograd (the sparse
+        # backward would run every block of every row); deterministic mode keeps the kernels
+        dense = _try_dense(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size, topk,
+                           float(softmax_scale))
+        if dense is not None:
+            LAST_PATH = "cudnn-dense"
+            return dense
+    return MobaTritonFunction.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, block_size, topk,
+                                    float(softmax_scale), deterministic)
 
 
 __all__ = [
