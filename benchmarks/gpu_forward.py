@@ -208,6 +208,7 @@ def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
 SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config)
     ("default", None, None, None),
     ("partial budget 2x output", None, "2x", None),
+    ("partial budget 1/4 output", None, "quarter", None),
     ("fp32 partials", torch.float32, None, None),
     ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3)),
     ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3)),
@@ -215,7 +216,7 @@ SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config)
 ]
 
 
-def fwd_sweep(log, jobs=(("flashmoba", 8 * K), ("gqa", 8 * K), ("flashmoba", 128 * K))):
+def fwd_sweep(log, jobs):
     """Forward variants (partial dtype, pass budget, tile shapes): attention ms given the
     selection, whole-op ms, peak GB, max |difference| from fp32 partials; then the kernel
     time breakdown of the default at the first job."""
@@ -237,7 +238,9 @@ def fwd_sweep(log, jobs=(("flashmoba", 8 * K), ("gqa", 8 * K), ("flashmoba", 128
         for label, pdt, budget, conf in SWEEP_VARIANTS:
             ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
             two_x = min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2
-            ta.PART_CHUNK_ELEMS = {None: None, "inf": 1 << 40, "2x": two_x}[budget]
+            quarter = min(max(q.numel() * 2 // 4, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2
+            ta.PART_CHUNK_ELEMS = {None: None, "inf": 1 << 40, "2x": two_x,
+                                   "quarter": quarter}[budget]
             try:
                 o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]
                 diff = (o.float() - ref).abs().max().item()
@@ -313,6 +316,8 @@ def main(argv=None):
                     help="time gate tile shapes at flashmoba 512K (checks equal selections)")
     ap.add_argument("--fwd-sweep", action="store_true",
                     help="forward variants (partial dtype, pass budget, tiles) + kernel breakdown")
+    ap.add_argument("--sweep-jobs", default="flashmoba:8192,gqa:8192,flashmoba:131072",
+                    help="settings of --fwd-sweep, e.g. paper:1048576")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -329,7 +334,8 @@ def main(argv=None):
     if args.gate_sweep:
         gate_sweep(log)
     if args.fwd_sweep:
-        sweep = fwd_sweep(log)
+        sweep_jobs = [(j.split(":")[0], int(j.split(":")[1])) for j in args.sweep_jobs.split(",")]
+        sweep = fwd_sweep(log, tuple(sweep_jobs))
         with open(os.path.join(args.out, "gpu_forward_sweep.json"), "w") as fh:
             json.dump({"machine": machine(), "sweep": sweep}, fh, indent=1)
     jobs = QUICK if args.quick else JOBS

@@ -236,10 +236,10 @@ def test_partial_dtype_and_key_width_do_not_change_routing(monkeypatch):
 def test_partial_budget_rule():
     q = torch.empty(1000, 8, 128, dtype=torch.bfloat16)
     assert ta._part_budget_elems(q, torch.bfloat16) == ta.PART_MIN_BYTES // 2  # floor
-    big = torch.empty(1 << 22, 8, 128, dtype=torch.bfloat16, device="meta")  # 8 GB output
+    big = torch.empty(1 << 23, 8, 128, dtype=torch.bfloat16, device="meta")  # 16 GB output
     assert ta._part_budget_elems(big, torch.bfloat16) == ta.PART_MAX_BYTES // 2  # cap
-    mid = torch.empty(1 << 20, 2, 128, dtype=torch.bfloat16, device="meta")  # 512 MB
-    assert ta._part_budget_elems(mid, torch.float32) == (512 << 20) // 2 // 4
+    mid = torch.empty(1 << 20, 8, 128, dtype=torch.bfloat16, device="meta")  # 2 GB
+    assert ta._part_budget_elems(mid, torch.float32) == (2 << 30) // 4 // 4
 
 
 def test_cu_seqlens_memo_follows_in_place_changes():

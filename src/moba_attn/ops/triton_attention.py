@@ -13,8 +13,8 @@ Schedule (exact per-token routing; see ``naive.py`` for the rule):
      writing the final output and LSE.
 Partials are stored in the input dtype (fp16/bf16; fp32 for fp32 inputs), the merge is fp32.
 A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``) fit
-``_part_budget_elems`` (half the output's bytes, 256 MB to 4 GB): one key kernel, one sort
-and one launch per stage for the whole call.
+``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB): one key kernel, one
+sort and one launch per stage for the whole call.
 Otherwise passes take groups of kv heads over all rows, or (long T) one kv head over row
 chunks, so the partials never reach ``[T, H, k, D]`` at long T.
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
@@ -45,8 +45,9 @@ PART_CHUNK_ELEMS: int | None = None  # override of the partial-buffer budget (el
 # fp16/bf16, fp32 for fp32 inputs). They are normalised (a convex combination of V rows), so
 # the input dtype holds them without overflow; the LSE merge runs in fp32.
 PART_DTYPE: torch.dtype | None = None
-# Partial-buffer budget: half the output's bytes, within [PART_MIN_BYTES, PART_MAX_BYTES], so
-# the forward's peak stays near dense attention's (output + LSE) plus index-sized buffers.
+# Partial-buffer budget: a quarter of the output's bytes, within [PART_MIN_BYTES,
+# PART_MAX_BYTES], so the forward's peak stays within 1.5x dense attention's (output + LSE)
+# plus index-sized buffers at long T (H200 sweep, 2026-11-28: benchmarks/RESULTS.md).
 PART_MIN_BYTES = 256 << 20
 PART_MAX_BYTES = 4 << 30
 INT16_KEYS_MAX = (1 << 15) - 1  # passes with fewer buckets sort int16 keys
@@ -261,7 +262,7 @@ def _part_budget_elems(q, part_dtype) -> int:
     if PART_CHUNK_ELEMS is not None:
         return int(PART_CHUNK_ELEMS)
     out_bytes = q.numel() * q.element_size()
-    nbytes = min(max(out_bytes // 2, PART_MIN_BYTES), PART_MAX_BYTES)
+    nbytes = min(max(out_bytes // 4, PART_MIN_BYTES), PART_MAX_BYTES)
     return nbytes // torch.empty(0, dtype=part_dtype).element_size()
 
 
