@@ -19,7 +19,7 @@ Supported inputs: packed batches (flash-attn varlen, ``cu_seqlens``) and equal-l
 
 Modes
 -----
-``"allgather"``: K/V are all-gathered (one collective, K and V together); each local chunk
+``"allgather"``: K and V are all-gathered (one collective each); each local chunk
 ``[s, e)`` runs the public op with keys ``[0, e)`` of its sequence, which is exact because
 queries are bottom-right aligned. The backward reduce-scatters dK/dV to their owners.
 Per rank it receives about ``(T - T_local) * 2 * Hkv * D`` elements forward (ranks are padded
@@ -320,6 +320,25 @@ class _AllGatherRows(torch.autograd.Function):
         return mine[: ctx.n], None, None
 
 
+class _RowSlices(torch.autograd.Function):
+    """Row ranges of one tensor, as views; the backward adds every range's gradient into one
+    buffer of the input's size (slicing in autograd would allocate a zero-filled full-size
+    gradient for every range)."""
+
+    @staticmethod
+    def forward(ctx, x, bounds):
+        ctx.bounds, ctx.shape = bounds, x.shape
+        return tuple(x[a:b] for a, b in bounds)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        out = grads[0].new_zeros(ctx.shape) if grads else None
+        for (a, b), g in zip(ctx.bounds, grads):
+            if g is not None:
+                out[a:b] += g
+        return out, None
+
+
 class _FetchBlocks(torch.autograd.Function):
     """Send rows ``send_idx`` of local K/V (split by destination) and receive the requested
     rows from their owners: ``[n_recv, 2 * Hkv, D]`` (K heads, then V heads). The backward
@@ -508,16 +527,21 @@ def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, kernels, det
 def _allgather(q, k, v, layout: CPLayout, group, rank, topk, scale, backend, deterministic,
                stats):
     hkv, d = k.shape[1], k.shape[2]
-    kv = _AllGatherRows.apply(torch.cat([k, v], dim=1), layout, group)  # [total, 2 Hkv, D]
-    kf, vf = kv[:, :hkv], kv[:, hkv:]
+    # K and V gathered apart: contiguous [total, Hkv, D] each, so a piece's key range is a
+    # contiguous view (no copy in the forward, one gradient buffer each in the backward)
+    kf = _AllGatherRows.apply(k, layout, group)
+    vf = _AllGatherRows.apply(v, layout, group)
     off = layout.seq_offsets()
+    pieces = layout.pieces(rank)
+    bounds = tuple((int(off[i]), int(off[i]) + e) for i, _, e in pieces)
+    k_pieces = _RowSlices.apply(kf, bounds) if pieces else ()
+    v_pieces = _RowSlices.apply(vf, bounds) if pieces else ()
     outs, lses, r0 = [], [], 0
-    for i, s, e in layout.pieces(rank):
+    for (i, s, e), kp, vp in zip(pieces, k_pieces, v_pieces):
         n = e - s
         cu_q = torch.tensor([0, n], dtype=torch.int32, device=q.device)
         cu_k = torch.tensor([0, e], dtype=torch.int32, device=q.device)
-        ks = slice(int(off[i]), int(off[i]) + e)
-        o, l = moba_attn_varlen_func(q[r0 : r0 + n], kf[ks], vf[ks], cu_q, cu_k, n, e,
+        o, l = moba_attn_varlen_func(q[r0 : r0 + n], kp, vp, cu_q, cu_k, n, e,
                                      block_size=layout.block_size, topk=topk,
                                      softmax_scale=scale, return_lse=True,
                                      deterministic=deterministic, validate=False,
@@ -530,8 +554,9 @@ def _allgather(q, k, v, layout: CPLayout, group, rank, topk, scale, backend, det
         b = int((layout.world_size - 1) * max_rows * 2 * hkv * d * k.element_size())
         stats.update({"mode": "allgather", "kv_bytes_recv_fwd": b, "bytes_recv_fwd": b,
                       "grad_bytes_sent_bwd": b, "bytes_sent_bwd": b})
-    if not outs:  # no rows here: still depend on the gather so that its backward runs
-        return q * 0 + kv.sum() * 0, q.new_empty(q.shape[1], 0, dtype=torch.float32)
+    if not outs:  # no rows here: still depend on the gathers so that their backward runs
+        return (q * 0 + (kf.sum() + vf.sum()) * 0,
+                q.new_empty(q.shape[1], 0, dtype=torch.float32))
     return torch.cat(outs), torch.cat(lses, dim=1)
 
 
