@@ -95,6 +95,16 @@ def rows_reference(q, k, v, layout, sel, scale, rows):
     return torch.cat(outs)
 
 
+def make_inputs(cfg, t):
+    """Random bf16 ``(cu, q, k, v, scale)`` of a setting at length ``t`` (``batch`` sequences)."""
+    total = cfg["batch"] * t
+    cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
+    q = torch.randn(total, cfg["hq"], cfg["d"], device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(total, cfg["hkv"], cfg["d"], device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(total, cfg["hkv"], cfg["d"], device="cuda", dtype=torch.bfloat16)
+    return cu, q, k, v, cfg["d"] ** -0.5
+
+
 def run_setting(name, cfg, lengths, dense_max, log):
     return [run_one(name, cfg, t, dense_max, log) for t in lengths]
 
@@ -103,11 +113,7 @@ def run_one(name, cfg, t, dense_max, log):
     """One (setting, T): correctness check, then timings; returns the record."""
     b, hq, hkv, d, bsz, topk = (cfg[x] for x in ("batch", "hq", "hkv", "d", "block", "topk"))
     total = b * t
-    cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
-    q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
-    scale = d ** -0.5
+    cu, q, k, v, scale = make_inputs(cfg, t)
     long = t >= 256 * K
     rec = {"setting": name, "T": t, "batch": b, "hq": hq, "hkv": hkv, "d": d, "block": bsz, "topk": topk}
     dense = t <= topk * bsz
@@ -223,13 +229,8 @@ def fwd_sweep(log, jobs):
     out = []
     for name, t in jobs:
         cfg = SETTINGS[name]
-        b, hq, hkv, d, bsz, topk = (cfg[x] for x in ("batch", "hq", "hkv", "d", "block", "topk"))
-        total = b * t
-        cu = torch.arange(0, total + 1, t, device="cuda", dtype=torch.int32)
-        q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(total, hkv, d, device="cuda", dtype=torch.bfloat16)
-        scale = d ** -0.5
+        bsz, topk = cfg["block"], cfg["topk"]
+        cu, q, k, v, scale = make_inputs(cfg, t)
         layout = BlockLayout.build(cu, cu, bsz)
         sel = tg.gate_triton(q, k, layout, topk)
         ta.PART_DTYPE = torch.float32

@@ -263,7 +263,7 @@ def _part_budget_elems(q, part_dtype) -> int:
         return int(PART_CHUNK_ELEMS)
     out_bytes = q.numel() * q.element_size()
     nbytes = min(max(out_bytes // 4, PART_MIN_BYTES), PART_MAX_BYTES)
-    return nbytes // torch.empty(0, dtype=part_dtype).element_size()
+    return nbytes // part_dtype.itemsize
 
 
 def _configs(d: int, block_size: int, dense_entries: float):
