@@ -37,7 +37,12 @@
 #   OUT              results folder (compare_out)
 #   RUNS             working folder: run directories, checkpoints, logs (a new temporary folder)
 #   EXTRA            more `moba compare` arguments for every stage, e.g. "--seq-len 4096"
-#   STEPS            skip the probe: train this many steps, variants split by count
+#   STEPS            skip the probe: train this many steps, variants split by count, or by
+#                    STEP_S when given
+#   STEP_S           with STEPS: seconds per step of each variant for the split, e.g.
+#                    "full=0.2,full@1=0.2,moba=0.39,hybrid=0.37,layer-hybrid=0.36"
+#   NO_REPORT=1      stop after the training stage (checkpoints in RUNS; a later run with the
+#                    same RUNS and STEPS resumes and reports)
 #   MIN_STEPS        fewest steps the plan may choose (5)
 #   MARGIN           share of the training time the planned steps should fill (0.9)
 #   CATCHUP_MINUTES  report stage: most training for variants that stopped short (1)
@@ -150,7 +155,7 @@ if [ -z "${STEPS:-}" ]; then
 fi
 
 # ---------------------------------------------------------------- plan
-"$PY" - "$RUNS" "$VARIANTS" "${DEVS[*]}" "$TRAIN_MINUTES" "$MIN_STEPS" "$MARGIN" "${STEPS:-}" $EXTRA <<'PY' || { pack; exit 1; }
+"$PY" - "$RUNS" "$VARIANTS" "${DEVS[*]}" "$TRAIN_MINUTES" "$MIN_STEPS" "$MARGIN" "${STEPS:-}" "${STEP_S:-}" $EXTRA <<'PY' || { pack; exit 1; }
 import json
 import shlex
 import sys
@@ -159,15 +164,22 @@ from pathlib import Path
 from moba_attn.cli import build_parser
 from moba_attn.training.compare import parse_variants, plan_parallel, split_variants
 
-runs, variants, devs, minutes, min_steps, margin, steps, *extra = sys.argv[1:]
+runs, variants, devs, minutes, min_steps, margin, steps, given_s, *extra = sys.argv[1:]
 runs, devs, seconds = Path(runs), devs.split(), 60 * float(minutes)
 n_dev = len(devs)
 seed = build_parser().parse_args(["compare", "--out", "-", *extra]).seed
 labels = [label for label, _, _ in parse_variants(variants, seed)]
 if steps:
-    groups = split_variants(dict.fromkeys(labels, 1.0), n_dev)
+    weights = dict.fromkeys(labels, 1.0)
+    for item in filter(None, given_s.split(",")):
+        label, _, sec = item.partition("=")
+        if label.strip() not in weights:
+            sys.exit(f"STEP_S names {label.strip()!r}, not one of the variants {labels}")
+        weights[label.strip()] = float(sec)
+    groups = split_variants(weights, n_dev)
     plan = {"groups": groups, "steps": int(steps), "loop_budget_s": seconds, "seconds": seconds}
-    print(f"  STEPS={steps} given: no probe; variants split by count")
+    print(f"  STEPS={steps} given: no probe; variants split by "
+          + (f"STEP_S ({given_s})" if given_s else "count"))
 else:
     step_s = {}
     for f in sorted((runs / "probe").glob("g*.json")):
@@ -226,6 +238,11 @@ for i in "${!USED[@]}"; do
   [ "${RCS[i]}" = 0 ] || [ "${RCS[i]}" = 3 ] || tail -n 20 "$LOGS/train_g$g.log"
 done
 pack
+if [ "${NO_REPORT:-0}" = 1 ]; then
+  say "NO_REPORT=1: stopping after training; resume with RUNS=$RUNS STEPS=$N"
+  for l in "${LABELS[@]}"; do echo "  $l: step $(last_step "$l")/$N"; done
+  exit 0
+fi
 
 # ---------------------------------------------------------------- report
 HAVE=()

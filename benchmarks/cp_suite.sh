@@ -10,6 +10,10 @@
 # would not fit; the JSON is rewritten after every measurement, so a run stopped early keeps
 # what it measured. Logs and JSON are packed into $OUT/cp.tgz after each phase; the merged
 # table (efficiency against the 1-GPU runs, ratios against dense CP) is $OUT/cp_summary.md.
+# SUITE=4m: the targets' length only, with dense CP timed at 4M instead of extrapolated (~7 min):
+#   phase A: the 1-GPU references at 4M (8 heads on GPU 0, 32/8 heads forward on GPU 1)
+#   phase B: on 4 GPUs, 8 heads: dense CP, allgather and selective at 4M (forward and
+#            forward+backward); then 32/8 heads, allgather, forward and forward+backward
 #   OUT=/path bash benchmarks/cp_suite.sh
 #   PLAN=1 bash benchmarks/cp_suite.sh   # print every run's time plan (H200 figures), run nothing
 #   DRY=1 bash benchmarks/cp_suite.sh    # the same runs on CPU (gloo), tiny shapes
@@ -39,6 +43,22 @@ RUNS=(
   "w2|2,3|2|$LIMIT_A|--heads $HS $HB --tokens $T1 $T4 $T2 --fwd-only-at $T1:$HB $T2:$HB $T4:$HB"
   "w4|0,1,2,3|4|$LIMIT_B|--heads $HS $HB --tokens $T1 $T2 $T4 --fwd-only-at $T2:$HB"
 )
+PHASE_A=(0 1 2)  # indexes into RUNS
+PHASE_B=(3)
+if [ "${SUITE:-full}" = 4m ]; then
+  LIMIT_A=${LIMIT_A4:-150} LIMIT_B=${LIMIT_B4:-270} LIMIT_C=${LIMIT_C4:-140}
+  RUNS=(
+    "w1-h$HS|0|1|$LIMIT_A|${ONE[*]} --heads $HS --tokens $T4"
+    "w1-h$HB|1|1|$LIMIT_A|${ONE[*]} --heads $HB --tokens $T4 --fwd-only-at $T4:$HB"
+    "w4-h$HS|0,1,2,3|4|$LIMIT_B|--modes allgather selective dense --heads $HS --tokens $T4 --dense-tokens $T4"
+    "w4-h$HB|0,1,2,3|4|$LIMIT_C|--modes allgather --heads $HB --tokens $T4"
+  )
+  PHASE_A=(0 1)
+  PHASE_B=(2 3)
+elif [ "${SUITE:-full}" != full ]; then
+  echo "SUITE must be full or 4m, got ${SUITE}" >&2
+  exit 2
+fi
 field() { echo "$1" | cut -d'|' -f"$2"; }
 
 if [ "${PLAN:-0}" = 1 ]; then
@@ -48,7 +68,7 @@ if [ "${PLAN:-0}" = 1 ]; then
     $PY benchmarks/cp_bench.py --plan-world "$(field "$r" 3)" "${COMMON[@]}" $(field "$r" 5) \
       --budget-s $(($(field "$r" 4) - SLACK))
   done
-  echo "phase A = the longest of its three runs (limit $LIMIT_A s), phase B limit $LIMIT_B s"
+  echo "phase A = the longest of its runs (limit $LIMIT_A s), then phase B's runs in turn"
   exit 0
 fi
 
@@ -92,20 +112,25 @@ run() {  # one torchrun launch; its log and JSON go to $W/<name>/
   nvidia-smi --query-gpu=index,name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null
   nvidia-smi topo -m 2>/dev/null
 } | tee "$W/machine.txt"
-echo "plan: phase A (1-GPU runs on GPUs 0 and 1, 2-GPU run on GPUs 2,3, at once) <= $LIMIT_A s," \
-     "then phase B (4 GPUs) <= $LIMIT_B s; every run prints its own time plan in its log"
+echo "plan (SUITE=${SUITE:-full}): phase A, at once:" \
+     "$(for i in "${PHASE_A[@]}"; do printf '%s ' "$(field "${RUNS[i]}" 1)"; done)(<= $LIMIT_A s)," \
+     "then phase B, in turn: $(for i in "${PHASE_B[@]}"; do
+       printf '%s (<= %s s) ' "$(field "${RUNS[i]}" 1)" "$(field "${RUNS[i]}" 4)"; done);" \
+     "every run prints its own time plan in its log"
 
 echo "=== $(date -u +%H:%M:%S) phase A"
-for r in "${RUNS[@]:0:3}"; do
-  run "$r" &
+for i in "${PHASE_A[@]}"; do
+  run "${RUNS[i]}" &
 done
 wait
 reap
 pack
 echo "=== $(date -u +%H:%M:%S) phase B"
-run "${RUNS[3]}"
-reap
-pack
+for i in "${PHASE_B[@]}"; do
+  run "${RUNS[i]}"
+  reap
+  pack
+done
 
 $PY benchmarks/cp_bench.py --merge "$W"/*/cp_bench_world*.json --out "$W" > "$W/merge.log" 2>&1 \
   || tail -n 20 "$W/merge.log"
