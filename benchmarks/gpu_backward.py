@@ -204,6 +204,52 @@ def breakdown(batch, t, hq, hkv, d, b, kk):
     return res
 
 
+TILE_CASES = {  # name: (batch, T, Hq, Hkv, D, block, topk)
+    "small-preset-8K": (8, 8 * K, 10, 2, 64, 512, 3),
+    "flashmoba-128K": (2, 128 * K, 16, 16, 128, 128, 8),
+    "paper-128K": (1, 128 * K, 8, 8, 128, 4096, 12),
+}
+TILE_CONFIGS = {64: [(64, 128, 8, 2), (64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3),
+                     (128, 64, 8, 3), (32, 128, 4, 3)],
+                128: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2)]}
+
+
+def dkdv_tiles(cases=None):
+    """The dK/dV kernel alone over tile shapes: ms, and the largest difference of dK/dV from
+    the first shape's (the default) relative to its largest value."""
+    res = []
+    for name in cases or TILE_CASES:
+        batch, t, hq, hkv, d, b, kk = TILE_CASES[name]
+        q, k, v, out, lse, dout, layout, sel, kk, scale = _bwd_case(batch, t, hq, hkv, d, b, kk)
+        lse2 = (lse.t() * tb.LOG2E).contiguous()
+        delta = (out.float() * dout.float()).sum(-1).reshape(-1).contiguous()
+        ents = tb._Entries(layout, sel, 0, q.shape[0], hq, hkv, kk, keep_ids=False)
+        regime = "large" if b >= tb.LARGE_BLOCK else "small"
+        default = tb.KERNEL_CONFIG[("dkdv", regime)][d]
+        ref = None
+        for cfg in [default] + [c for c in TILE_CONFIGS[d] if c != default]:
+            tb.KERNEL_CONFIG[("dkdv", regime)][d] = cfg
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+
+            def run(dk=dk, dv=dv):
+                tb._launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, kk, scale,
+                                d, "tf32")
+
+            try:
+                ms = time_ms(run)
+            except Exception as err:  # a tile shape the compiler refuses: skip it
+                print(f"# {name} {cfg}: {type(err).__name__}: {str(err)[:100]}")
+                continue
+            if ref is None:
+                ref = (dk.float(), dv.float())
+            err = max(((a.float() - r).abs().max() / r.abs().max()).item()
+                      for a, r in zip((dk, dv), ref))
+            res.append({"case": name, "config": cfg, "ms": ms, "rel_diff": err})
+            print(f"# dkdv {name:<16} {cfg}: {ms:8.3f} ms  diff {err:.1e}", flush=True)
+        tb.KERNEL_CONFIG[("dkdv", regime)][d] = default
+    return res
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser()
@@ -214,8 +260,17 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240, help="skip the rest past this")
     ap.add_argument("--sweep", default="small", help="regimes to sweep: small,large or none")
     ap.add_argument("--breakdown", action="store_true", help="time the backward's parts")
+    ap.add_argument("--dkdv-tiles", default=None, metavar="CASES",
+                    help="only the dK/dV kernel over tile shapes, e.g. "
+                         f"{','.join(TILE_CASES)} (or 'all')")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.dkdv_tiles:
+        cases = None if args.dkdv_tiles == "all" else args.dkdv_tiles.split(",")
+        with open(os.path.join(args.out, "dkdv_tiles.json"), "w") as fh:
+            json.dump({"machine": f"{torch.cuda.get_device_name()} | torch {torch.__version__} "
+                       f"| triton {triton.__version__}", "rows": dkdv_tiles(cases)}, fh, indent=1)
+        return
     t_start = time.perf_counter()
     machine = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
                f"{triton.__version__} | python {platform.python_version()}")

@@ -8,7 +8,10 @@ with ``Delta = rowsum(dO * O)``, ``dQ += scale * dS K``, ``dK += scale * dS^T Q`
 Schedule. An *entry* is one (row, head, slot): slot 0 is the row's own block (keys up to the
 row's position, causal), slots 1..k-1 the selected earlier blocks (whole). Entry id
 ``e = (row * Hq + head) * k + slot``. Entries are sorted by *group* = (key block, kv head),
-row-major inside a group (a CSR list, built on the device by one sort):
+row-major inside a group (a CSR list, built on the device by one sort), and decoded once into
+contiguous per-entry arrays (flat row*Hq+head, causal key limit), so that the kernels' inner
+loops do no integer division and no dependent gather before the q/dO rows (4-5x faster dK/dV
+than decoding ids in the loop, H200 sweep):
 
 - ``_dkdv_kernel``: one program per (group, key sub-tile of ``BLOCK_N`` keys), the sub-tiles
   of a group adjacent in launch order. It loads that
@@ -51,15 +54,17 @@ def _interpreting() -> bool:
 # Tile shapes ``(BLOCK_M entries, BLOCK_N keys, num_warps, num_stages)`` per kernel, per
 # block-size regime ("small": B < 512, where programs are short and gather-bound; "large":
 # long compute-bound loops) and per padded head dim. ``KERNEL_CONFIG`` is overridable
-# (benchmarks/gpu_backward.py sweeps it); the D=128 entries are the fastest of its H200 sweeps
-# (2026-11-28: batch 2 x 16 heads x 128K, B=128, k=8; 8 heads x 128K, B=4096, k=12).
+# (benchmarks/gpu_backward.py sweeps it). From its H200 sweeps (2026-11-28): dQ at D=128 (batch
+# 2 x 16 heads x 128K, B=128, k=8; 8 heads x 128K, B=4096, k=12); dK/dV with pre-decoded
+# entries (``--dkdv-tiles``) at D=128 in both regimes (the same two cases) and at D=64, large
+# (batch 8 x 8K, 10/2 heads, B=512, k=3). The other head dims keep untuned shapes.
 KERNEL_CONFIG = {
     ("dkdv", "small"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 128, 8, 2),
-                        128: (32, 128, 4, 3), 256: (32, 64, 8, 1)},
+                        128: (64, 64, 4, 3), 256: (32, 64, 8, 1)},
     ("dq", "small"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
                       128: (64, 64, 4, 2), 256: (64, 32, 8, 1)},
-    ("dkdv", "large"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 128, 8, 2),
-                        128: (32, 128, 4, 3), 256: (32, 64, 8, 1)},
+    ("dkdv", "large"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (32, 128, 4, 3),
+                        128: (64, 64, 4, 3), 256: (32, 64, 8, 1)},
     ("dq", "large"): {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (128, 64, 8, 2),
                       128: (128, 64, 8, 2), 256: (64, 32, 8, 1)},
 }
@@ -83,24 +88,19 @@ def _delta_kernel(OUT, DO, DELTA, n_rows, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.
 
 
 @triton.jit
-def _load_entries(ENT, ROW_POS, LSE2, DELTA, e, e_mask, HQ, TOPK, BLOCK_SIZE):
-    """Decode entry ids -> (flat row*Hq+head, causal key limit, lse*log2e, delta)."""
-    eid = tl.load(ENT + e, mask=e_mask, other=0)  # int64
-    rh = eid // TOPK  # row * Hq + head
-    slot = eid - rh * TOPK
-    row = rh // HQ
-    pos = tl.load(ROW_POS + row, mask=e_mask, other=0)
-    # own block (slot 0): keys 0..pos%B of the block; selected blocks: all of them
-    lim = tl.where(slot == 0, pos % BLOCK_SIZE + 1, BLOCK_SIZE)
-    lim = tl.where(e_mask, lim, 0)
+def _load_entries(ERH, ELIM, LSE2, DELTA, e, e_mask):
+    """Pre-decoded entries ``e`` -> (flat row*Hq+head, causal key limit, lse*log2e, delta):
+    two contiguous loads, then two gathers by row."""
+    rh = tl.load(ERH + e, mask=e_mask, other=0).to(tl.int64)
+    lim = tl.load(ELIM + e, mask=e_mask, other=0)
     lse2 = tl.load(LSE2 + rh, mask=e_mask, other=0.0)
     delta = tl.load(DELTA + rh, mask=e_mask, other=0.0)
-    return eid, rh, lim, lse2, delta
+    return rh, lim, lse2, delta
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, ROW_POS, BLK_START, BLK_LEN, ENT, GRP_OFF,
-                 sm_scale, scale_log2, HQ, HKV, TOPK, BLOCK_SIZE, D, N_SUB,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, ERH, ELIM, BLK_START, BLK_LEN, GRP_OFF,
+                 sm_scale, scale_log2, HKV, D, N_SUB,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  PRECISION: tl.constexpr):
     # sub-tiles of one group are neighbours in launch order: they run together and share the
@@ -131,8 +131,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, ROW_POS, BLK_START, BLK_LEN, 
     for e0 in range(e_lo, e_hi, BLOCK_M):
         e = e0 + offs_m
         e_ok = e < e_hi
-        eid, rh, lim, lse2, delta = _load_entries(ENT, ROW_POS, LSE2, DELTA, e, e_ok, HQ, TOPK,
-                                                  BLOCK_SIZE)
+        rh, lim, lse2, delta = _load_entries(ERH, ELIM, LSE2, DELTA, e, e_ok)
         q_m = e_ok[None, :] & d_ok[:, None]
         qT = tl.load(Q + rh[None, :] * D + offs_d[:, None], mask=q_m, other=0.0)  # [BD, BM]
         do = tl.load(DO + rh[:, None] * D + offs_d[None, :],
@@ -149,8 +148,8 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE2, DELTA, ROW_POS, BLK_START, BLK_LEN, 
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, ROW_POS, BLK_START, BLK_LEN, ENT, GRP_OFF,
-               TILE_GRP, TILE_START, sm_scale, scale_log2, HQ, HKV, TOPK, BLOCK_SIZE, D,
+def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, ERH, ELIM, ENT, BLK_START, BLK_LEN, GRP_OFF,
+               TILE_GRP, TILE_START, sm_scale, scale_log2, HKV, D,
                EID_BASE, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     t = tl.program_id(0)
@@ -166,8 +165,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, ROW_POS, BLK_START, BLK_LEN, ENT, G
     d_ok = offs_d < D
     e = e0 + offs_m
     e_ok = e < e_hi
-    eid, rh, lim, lse2, delta = _load_entries(ENT, ROW_POS, LSE2, DELTA, e, e_ok, HQ, TOPK,
-                                              BLOCK_SIZE)
+    rh, lim, lse2, delta = _load_entries(ERH, ELIM, LSE2, DELTA, e, e_ok)
     r_m = e_ok[:, None] & d_ok[None, :]
     r_ptr = rh[:, None] * D + offs_d[None, :]  # int64 [BM, BD]
     q = tl.load(Q + r_ptr, mask=r_m, other=0.0)  # [BM, BD]
@@ -191,6 +189,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE2, DELTA, ROW_POS, BLK_START, BLK_LEN, ENT, G
     if ATOMIC:
         tl.atomic_add(DQ + r_ptr, dq, mask=r_m)
     else:
+        eid = tl.load(ENT + e, mask=e_ok, other=0)  # int64 global entry id
         tl.store(DQ + ((eid - EID_BASE)[:, None] * D + offs_d[None, :]), dq, mask=r_m)
 
 
@@ -224,11 +223,15 @@ def _config(kernel: str, block_d: int, block_size: int):
 class _Entries:
     """Entries of query rows ``r0:r1`` sorted by group (block, kv head), as a CSR list.
 
-    ``ent``: sorted entry ids (int64, global); ``grp_off [n_groups + 1]``: each group's range.
+    ``grp_off [n_groups + 1]``: each group's range. Decoded once here so the kernels' inner
+    loops read them contiguously: ``rh`` (flat ``row * Hq + head``; int32 when it fits) and
+    ``lim`` (int32 causal key limit inside the block: the row's offset + 1 for its own block,
+    the block size for a selected one). ``ent``: the sorted entry ids (int64, global), kept
+    only with ``keep_ids`` (the deterministic dQ writes each entry to its own slot).
     """
 
     def __init__(self, layout: BlockLayout, sel: torch.Tensor, r0: int, r1: int, hq: int,
-                 hkv: int, topk: int):
+                 hkv: int, topk: int, keep_ids: bool = True):
         dev = sel.device
         n = r1 - r0
         n_groups = layout.n_blocks * hkv
@@ -250,7 +253,17 @@ class _Entries:
         del key
         self.grp_off = torch.searchsorted(
             grp_sorted, torch.arange(n_groups + 1, device=dev, dtype=torch.int64))
+        del grp_sorted
         self.n_groups = n_groups
+        rh = torch.div(self.ent, topk, rounding_mode="floor")
+        lim = self.ent - rh * topk  # the slot
+        lim = torch.where(lim == 0, layout.row_pos[torch.div(rh, hq, rounding_mode="floor")]
+                          % layout.block_size + 1, layout.block_size)
+        self.lim = lim.to(torch.int32)
+        del lim
+        self.rh = rh.to(torch.int32) if layout.row_pos.numel() * hq < 2**31 else rh
+        if not keep_ids:
+            self.ent = None
 
     def tiles(self, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(group, first entry)`` of every tile of ``block_m`` entries (tiles never span
@@ -272,11 +285,12 @@ def _launch_dq(q, k, v, dout, dq_buf, lse2, delta, layout, ents, topk, scale, at
     grp, start = ents.tiles(bm)
     if grp.numel() == 0:
         return
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    hkv, d = k.shape[1], q.shape[2]
     _dq_kernel[(grp.numel(),)](
-        q, k, v, dout, dq_buf, lse2, delta, layout.row_pos, layout.blk_start, layout.blk_len,
-        ents.ent, ents.grp_off, grp, start, scale, scale * LOG2E, hq, hkv, topk,
-        layout.block_size, d, eid_base, ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        q, k, v, dout, dq_buf, lse2, delta, ents.rh, ents.lim,
+        ents.rh if atomic else ents.ent,  # the ids are read only without atomics
+        layout.blk_start, layout.blk_len, ents.grp_off, grp, start, scale, scale * LOG2E, hkv,
+        d, eid_base, ATOMIC=atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         PRECISION=precision, num_warps=warps, num_stages=stages)
 
 
@@ -284,10 +298,10 @@ def _launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, topk, scale, 
                  precision):
     bm, bn, warps, stages = _config("dkdv", block_d, layout.block_size)
     n_sub = triton.cdiv(layout.width, bn)
-    hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+    hkv, d = k.shape[1], q.shape[2]
     _dkdv_kernel[(ents.n_groups * n_sub,)](
-        q, k, v, dout, dk, dv, lse2, delta, layout.row_pos, layout.blk_start, layout.blk_len,
-        ents.ent, ents.grp_off, scale, scale * LOG2E, hq, hkv, topk, layout.block_size, d, n_sub,
+        q, k, v, dout, dk, dv, lse2, delta, ents.rh, ents.lim, layout.blk_start, layout.blk_len,
+        ents.grp_off, scale, scale * LOG2E, hkv, d, n_sub,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PRECISION=precision, num_warps=warps,
         num_stages=stages)
 
@@ -331,7 +345,8 @@ def moba_backward_triton(q, k, v, out, lse, dout, layout: BlockLayout, sel, topk
     _delta_kernel[(triton.cdiv(total_q * hq, block_r),)](
         out, dout, delta, total_q * hq, d, BLOCK_R=block_r, BLOCK_D=block_d)
 
-    ents = _Entries(layout, sel, 0, total_q, hq, hkv, topk)
+    ents = _Entries(layout, sel, 0, total_q, hq, hkv, topk,
+                    keep_ids=deterministic)
 
     dk = _empty_like(k)
     dv = _empty_like(v)
