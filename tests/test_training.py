@@ -100,6 +100,15 @@ def test_corpus_split_and_batches_are_deterministic():
     assert probe not in bytes(c.train)
 
 
+def test_repeat_warning_names_the_passes(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world. " * 2000)
+    c = Corpus(data=(str(tmp_path),))
+    n = len(c.train)
+    assert c.repeat_warning(2 * n) is None
+    warn = c.repeat_warning(5 * n)
+    assert warn is not None and "5.0 passes" in warn and "--corpus python" in warn
+
+
 def test_retrieval_task_answers_are_the_needle_values():
     c = load_corpus()
     x = c.heldout_windows(1, 400)[0].numpy()
@@ -369,6 +378,23 @@ def test_user_data_with_local_tokenizer(tmp_path):
 
 
 @needs_moba
+def test_summary_flags_heldout_rising_from_its_minimum():
+    from moba_attn.training.compare import summary_markdown
+
+    row = {
+        "variant": "full", "attn": "full", "seed": 0, "tokens_seen": 10, "heldout_loss": 1.2,
+        "heldout_vs_full_pct": 0.0, "trailing_loss": None, "trailing_vs_full_pct": None,
+        "retrieval_acc": None, "sparsity": 0.0, "tokens_per_s": 1.0,
+        "best_periodic_heldout": 1.0, "best_periodic_step": 300, "final_periodic_heldout": 1.1,
+    }
+    flat = {**row, "variant": "moba", "final_periodic_heldout": 1.01}  # +1%: under the limit
+    md = summary_markdown([row, flat], TrainConfig(preset="tiny").resolved(), True)
+    assert "Held-out loss rose before the end" in md
+    assert "full +10.0% from 1.0000 at step 300" in md and "moba +" not in md
+    assert "Held-out loss rose" not in summary_markdown(
+        [flat], TrainConfig(preset="tiny").resolved(), True)
+
+
 def test_compare_sizes_steps_to_a_time_budget(tmp_path, capsys):
     out = tmp_path / "budget"
     args = [

@@ -130,6 +130,9 @@ def run_compare(
         f"{base.steps} steps x {base.batch_size} x {base.seq_len} = {base.steps * base.batch_size * base.seq_len:,} "
         f"tokens each, on {runs[0].device}; {corpus.describe()}"
     )
+    warn = corpus.repeat_warning(base.steps * base.batch_size * base.seq_len)
+    if warn:
+        log(f"[moba compare] {warn}")
     for r in runs:
         log(
             f"  {r.label:>14}: {describe(r.cfg)}"
@@ -385,6 +388,9 @@ def _write_summary(
             "tokens_seen": s["tokens_seen"],
             "final_train_loss": s["final_train_loss"],
             "heldout_loss": r.get("loss", s["final_val_loss"]),
+            "final_periodic_heldout": s["final_val_loss"],
+            "best_periodic_heldout": s.get("best_val_loss"),
+            "best_periodic_step": s.get("best_val_step"),
             "trailing_loss": r.get("trailing_loss"),
             "retrieval_acc": (r.get("retrieval") or {}).get("mean"),
             "eval_attn": r.get("attn_used"),
@@ -417,6 +423,18 @@ def _write_summary(
     )
     (out / "summary.md").write_text(summary_markdown(table, base, results is not None))
     return table
+
+
+OVERFIT_RISE_PCT = 2.0  # a final periodic held-out loss this far above its minimum is flagged
+
+
+def _overfit_pct(row: dict) -> float | None:
+    """How far (%) the last periodic held-out loss is above the lowest, when over the limit."""
+    best, last = row.get("best_periodic_heldout"), row.get("final_periodic_heldout")
+    if best is None or last is None or best <= 0:
+        return None
+    pct = 100 * (last / best - 1)
+    return pct if pct > OVERFIT_RISE_PCT else None
 
 
 def _f(v, fmt):
@@ -455,6 +473,23 @@ def summary_markdown(table: list[dict], base: TrainConfig, evaluated: bool) -> s
             f"{_pct(r['trailing_vs_full_pct'])} | {_f(r['retrieval_acc'], '.2f')} | "
             f"{_f(r['sparsity'], '.1%')} | {_f(r['tokens_per_s'], ',.0f')} |"
         )
+    rising = [r for r in table if _overfit_pct(r) is not None]
+    if rising:
+        lines += [
+            "",
+            (
+                "**Held-out loss rose before the end** (periodic evaluations; more than "
+                f"{OVERFIT_RISE_PCT:g}% above its lowest): "
+                + "; ".join(
+                    f"{r['variant']} {_overfit_pct(r):+.1f}% from {r['best_periodic_heldout']:.4f} "
+                    f"at step {r['best_periodic_step']}"
+                    for r in rising
+                )
+                + ". Those variants were memorising their training data, and the final losses "
+                "compare how much each one overfits. Train on more data (`--corpus python`, "
+                "`--data DIR`) or for fewer steps."
+            ),
+        ]
     fulls = [r for r in table if r["attn"] == "full" and r["heldout_loss"] is not None]
     if len(fulls) > 1:
         v = [r["heldout_loss"] for r in fulls]

@@ -79,6 +79,7 @@ TASK = RetrievalTask()
 
 # ----------------------------------------------------------------------------- corpus
 CORPORA = ("stdlib", "python")
+MAX_PASSES = 2.0  # more passes over the training split than this get a warning
 
 
 def python_files(corpus: str = "stdlib") -> list[tuple[Path, str]]:
@@ -228,6 +229,18 @@ class Corpus:
         return (
             f"{self.source}: {len(self.train):,} train / {len(self.heldout):,} held-out {unit} "
             f"({self.n_docs[0]} / {self.n_docs[1]} documents), vocab {self.vocab_size}"
+        )
+
+    def repeat_warning(self, tokens: int, max_passes: float = MAX_PASSES) -> str | None:
+        """A warning when ``tokens`` training tokens are more than ``max_passes`` passes over
+        the training split (held-out loss then rises as the model memorises it), else None."""
+        passes = tokens / max(len(self.train), 1)
+        if passes <= max_passes:
+            return None
+        return (
+            f"WARNING: {tokens:,} training tokens are {passes:.1f} passes over the "
+            f"{len(self.train):,}-token training split; held-out loss will rise from memorisation "
+            "before the end. Use more data (--corpus python, --data DIR) or fewer --steps."
         )
 
     # ---- windows and batches

@@ -264,7 +264,8 @@ class Run:
     def summary(self) -> dict:
         rows = [r for r in self.rows if r.get("loss")]
         tail = rows[-max(1, len(rows) // 20) :]
-        vals = [float(r["val_loss"]) for r in self.rows if r.get("val_loss")]
+        vals = [(int(r["step"]), float(r["val_loss"])) for r in self.rows if r.get("val_loss")]
+        best = min(vals, key=lambda sv: sv[1]) if vals else (None, None)
         tps = {
             m: [float(r["tokens_per_s"]) for r in rows[min(3, len(rows) - 1) :] if r["attn"] == m]
             for m in ("moba", "full")
@@ -281,7 +282,9 @@ class Run:
             "tokens_seen": self.tokens_seen,
             "params": self.n_params,
             "final_train_loss": float(np.mean([float(r["loss"]) for r in tail])) if tail else None,
-            "final_val_loss": vals[-1] if vals else None,
+            "final_val_loss": vals[-1][1] if vals else None,
+            "best_val_loss": best[1],  # the lowest periodic held-out loss, and its step
+            "best_val_step": best[0],
             "tokens_per_s": float(np.median(all_tps)) if all_tps else None,
             "tokens_per_s_moba": float(np.median(tps["moba"])) if tps["moba"] else None,
             "tokens_per_s_full": float(np.median(tps["full"])) if tps["full"] else None,
@@ -346,6 +349,9 @@ def train(
         f"[moba train] {describe(cfg)}; {run.n_params / 1e6:.2f}M params on {run.device}; "
         f"{run.corpus.describe()}"
     )
+    warn = run.corpus.repeat_warning(cfg.steps * cfg.batch_size * cfg.seq_len)
+    if warn:
+        log(f"[moba train] {warn}")
     if run.step_no:
         log(f"[moba train] resuming {run.out} at step {run.step_no}/{cfg.steps}")
     bar = _bar(total=cfg.steps, initial=run.step_no, desc=run.label, enabled=progress)
