@@ -152,6 +152,28 @@ def test_int32_selection_and_slot_order():
         assert rel(x, y) < 1e-5
 
 
+def test_entries_decode_rows_and_key_limits():
+    """The per-entry arrays the kernels read: each group's entries, in order, are the
+    (row, head) pairs that attend its block through that kv head, with the causal limit."""
+    c = make_case([70, 1, 150], [70, 1, 150], 4, 2, 16, 16, 3, torch.float32, device="cpu")
+    lay, sel, hq, hkv, topk = c["layout"], c["sel"], 4, 2, 3
+    ents = tb._Entries(lay, sel, 0, sel.shape[0], hq, hkv, topk, keep_ids=False)
+    assert ents.ent is None and ents.rh.dtype == torch.int32 and ents.lim.dtype == torch.int32
+    want = {}
+    for row in range(sel.shape[0]):
+        pos = int(lay.row_pos[row])
+        for h in range(hq):
+            blocks = [(int(lay.row_own[row]), pos % lay.block_size + 1)]
+            blocks += [(int(b), lay.block_size) for b in sel[row, h] if int(b) >= 0]
+            for b, lim in blocks:
+                want.setdefault(b * hkv + h // (hq // hkv), []).append((row * hq + h, lim))
+    off = ents.grp_off.tolist()
+    assert off[-1] == sum(len(x) for x in want.values())
+    for g in range(ents.n_groups):
+        got = list(zip(ents.rh[off[g]:off[g + 1]].tolist(), ents.lim[off[g]:off[g + 1]].tolist()))
+        assert got == sorted(want.get(g, [])), g
+
+
 def test_oracle_mask_equals_naive_rule():
     """The oracle's mask from (layout, sel) is the spec's mask, so sel means what we think."""
     c = make_case([200], [200], 4, 2, 32, 16, 4, torch.float32)
