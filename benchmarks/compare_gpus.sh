@@ -32,6 +32,9 @@
 # Settings (environment):
 #   GPUS             CUDA device ids, one training process each, e.g. "1 2 3"; "cpu" = the CPU
 #   PRESET           model preset (small)
+#   CORPUS           training data, `moba compare --corpus` (python: the standard library plus
+#                    site-packages; a distribution's standard library alone can be ~10 MB, which
+#                    the small preset's 2000 steps pass over 12 times; DRY: stdlib)
 #   VARIANTS         comma-separated, as for `moba compare` (full,full@1,moba,hybrid,layer-hybrid)
 #   TRAIN_MINUTES    wall minutes of the parallel training stage (7)
 #   OUT              results folder (compare_out)
@@ -53,10 +56,12 @@ set -uo pipefail
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 if [ "${DRY:-0}" = 1 ]; then
   : "${GPUS:=cpu cpu}" "${PRESET:=tiny}" "${TRAIN_MINUTES:=1}" "${EXTRA:=--eval-seqs 8 --eval-samples 2}"
+  : "${CORPUS:=stdlib}"
 fi
 read -r -a DEVS <<<"${GPUS//,/ }"
 [ "${#DEVS[@]}" -gt 0 ] || { echo "set GPUS, e.g. GPUS=\"1 2 3\" (CUDA ids) or DRY=1" >&2; exit 2; }
 PRESET=${PRESET:-small}
+CORPUS=${CORPUS:-python}
 VARIANTS=${VARIANTS:-full,full@1,moba,hybrid,layer-hybrid}
 TRAIN_MINUTES=${TRAIN_MINUTES:-7}
 OUT=${OUT:-compare_out}
@@ -70,7 +75,7 @@ CMP=$RUNS/cmp
 LOGS=$RUNS/logs
 mkdir -p "$OUT" "$CMP" "$LOGS" "$RUNS/probe"
 # shellcheck disable=SC2206  # EXTRA is split into arguments on purpose
-MOBA=("$PY" -m moba_attn.cli compare --preset "$PRESET" --no-progress $EXTRA)
+MOBA=("$PY" -m moba_attn.cli compare --preset "$PRESET" --corpus "$CORPUS" --no-progress $EXTRA)
 
 say() { echo "=== $(date -u +%H:%M:%S) $*"; }
 on() {  # on DEVICE CMD...: CMD with only that GPU visible, or on the CPU
@@ -110,7 +115,7 @@ wait_all() {  # wait_all NAME PID...: wait, printing every variant's step each P
   rev=$(git rev-parse --short HEAD 2>/dev/null) || rev=unknown
   [ "$rev" = unknown ] || git diff --quiet HEAD 2>/dev/null || rev+=" + uncommitted changes"
   echo "commit $rev, $(date -u '+%Y-%m-%d %H:%M') UTC"
-  echo "GPUS=${DEVS[*]} PRESET=$PRESET VARIANTS=$VARIANTS TRAIN_MINUTES=$TRAIN_MINUTES STEPS=${STEPS:-probe} EXTRA=$EXTRA"
+  echo "GPUS=${DEVS[*]} PRESET=$PRESET CORPUS=$CORPUS VARIANTS=$VARIANTS TRAIN_MINUTES=$TRAIN_MINUTES STEPS=${STEPS:-probe} EXTRA=$EXTRA"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv,noheader
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', __import__('platform').python_version())"
 } | tee "$RUNS/machine.txt"

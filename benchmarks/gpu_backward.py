@@ -48,8 +48,12 @@ def moba_fn():
 
 
 # ----------------------------------------------------------------------------- timing
-def time_ms(fn, long_reps=3):
+LONG_REPS = 3  # timed calls after the warm-up for calls of 80 ms or more (--long-reps)
+
+
+def time_ms(fn, long_reps=None):
     """Median ms: do_bench for short calls, 1 warm-up + ``long_reps`` events for long ones."""
+    long_reps = LONG_REPS if long_reps is None else long_reps
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn()
@@ -260,10 +264,15 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240, help="skip the rest past this")
     ap.add_argument("--sweep", default="small", help="regimes to sweep: small,large or none")
     ap.add_argument("--breakdown", action="store_true", help="time the backward's parts")
+    ap.add_argument("--long-reps", type=int, default=3,
+                    help="timed calls after the warm-up for calls of 80 ms or more (1 for the "
+                         "dense baselines at 1M)")
     ap.add_argument("--dkdv-tiles", default=None, metavar="CASES",
                     help="only the dK/dV kernel over tile shapes, e.g. "
                          f"{','.join(TILE_CASES)} (or 'all')")
     args = ap.parse_args()
+    global LONG_REPS
+    LONG_REPS = args.long_reps
     os.makedirs(args.out, exist_ok=True)
     if args.dkdv_tiles:
         cases = None if args.dkdv_tiles == "all" else args.dkdv_tiles.split(",")

@@ -6,8 +6,10 @@
 #   CUDA_VISIBLE_DEVICES=1 PARTS="decode train32" TAG=b DEADLINE=560 bash benchmarks/gpu_suite.sh
 # Parts: tests (pytest -m gpu), memcheck, fwd-sweep (forward variants + kernel breakdown),
 # fwd (the forward settings), decode (sparse decode vs dense decode), train32 and
-# train128 (training-step tokens/s at 32K / 128K), bwd (fwd+bwd, FlashMoBA setting, 128K and 256K), bench
-# (`moba bench` with every provider, setting 3).
+# train128 (training-step tokens/s at 32K / 128K), bwd (fwd+bwd, FlashMoBA setting, 128K and 256K),
+# bwd512 (FlashMoBA setting at 512K, dense baselines in the same run), bwd-paper (paper setting at
+# 128K and 1M, each dense baseline timed once after a warm-up), bench (`moba bench` with every
+# provider, setting 3).
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 PARTS=${PARTS:-tests memcheck fwd-sweep fwd decode train32 train128 bwd bench}
@@ -47,6 +49,12 @@ for part in $PARTS; do
     OUT="$OUT/$part" SEQLENS="$T" STEPS=5 STEP_TIMEOUT=110 timeout $(limit 400) bash benchmarks/train_step.sh 2>&1 | tail -6 ;;
   bwd)
     timeout $(limit 150) python benchmarks/gpu_backward.py --out "$OUT/bwd" --sweep none --flashmoba-t 128,256 --paper-t "" --dense-max 256 2>&1 | tail -12 ;;
+  bwd512)
+    timeout $(limit 300) python benchmarks/gpu_backward.py --out "$OUT/bwd512" --sweep none --flashmoba-t 512 --paper-t "" \
+      --dense-max 512 --long-reps 1 --budget-s 1000 2>&1 | tail -8 ;;
+  bwd-paper)
+    timeout $(limit 420) python benchmarks/gpu_backward.py --out "$OUT/bwd_paper" --sweep none --flashmoba-t "" \
+      --paper-t 128,1024 --dense-max 1024 --long-reps 1 --budget-s 1000 2>&1 | tail -8 ;;
   bench)
     timeout $(limit 110) python -m moba_attn.cli bench --no-check --seqlens 8k,32k,128k --heads 32 --kv-heads 8 \
       --head-dim 128 --block-size 512 --topk 3 --providers moba-triton,sdpa-flash,sdpa-cudnn,orig-moba \
