@@ -24,6 +24,7 @@ step() { tar czf "$FINAL/suite-$TAG.tgz" -C "$(dirname "$OUT")" "suite-$TAG"; ec
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$OUT/machine.txt"
 
+MEMCHECK_TESTS="(gpu_varlen_gqa and bf16 and 64) or (gpu_bf16_grads and H8-Hkv4-D64-B64) or gpu_split_paths"
 START=$(date +%s)
 # limit SECONDS: the part's own limit, cut to what is left before DEADLINE (seconds after start)
 limit() { local left=$(( ${DEADLINE:-100000} - ($(date +%s) - START) )); echo $(( left < $1 ? left : $1 )); }
@@ -34,9 +35,10 @@ for part in $PARTS; do
   tests)
     timeout $(limit 240) python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -4
     timeout $(limit 60) python -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -2 ;;
-  memcheck)
-    timeout $(limit 70) compute-sanitizer --tool memcheck --print-limit 20 python -m pytest -q -p no:cacheprovider \
-      tests/test_triton_forward.py -k "gpu_varlen_gqa and bf16 and 64" 2>&1 | tee "$OUT/memcheck.log" | tail -4 ;;
+  memcheck)  # one small GPU test per kernel family: forward (gate + attention), backward, decode
+    timeout $(limit 150) compute-sanitizer --tool memcheck --print-limit 20 python -m pytest -q -p no:cacheprovider \
+      tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_decode.py \
+      -k "$MEMCHECK_TESTS" 2>&1 | tee "$OUT/memcheck.log" | tail -4 ;;
   fwd-sweep)
     timeout $(limit 150) python benchmarks/gpu_forward.py --fwd-sweep --settings none --out "$OUT/fwd_sweep" 2>&1 | tail -45 ;;
   fwd)
