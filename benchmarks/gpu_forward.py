@@ -215,6 +215,8 @@ SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config)
     ("default", None, None, None),
     ("partial budget 2x output", None, "2x", None),
     ("partial budget 1/4 output", None, "quarter", None),
+    ("1/4 output, 64 MB floor", None, "quarter:64", None),
+    ("1/4 output, 16 MB floor", None, "quarter:16", None),
     ("fp32 partials", torch.float32, None, None),
     ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3)),
     ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3)),
@@ -240,8 +242,11 @@ def fwd_sweep(log, jobs):
             ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
             two_x = min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2
             quarter = min(max(q.numel() * 2 // 4, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2
-            ta.PART_CHUNK_ELEMS = {None: None, "inf": 1 << 40, "2x": two_x,
-                                   "quarter": quarter}[budget]
+            budgets = {None: None, "inf": 1 << 40, "2x": two_x, "quarter": quarter}
+            for floor_mb in (64, 16):  # a quarter of the output with a lower floor
+                budgets[f"quarter:{floor_mb}"] = min(
+                    max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
+            ta.PART_CHUNK_ELEMS = budgets[budget]
             try:
                 o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]
                 diff = (o.float() - ref).abs().max().item()
@@ -317,7 +322,7 @@ def main(argv=None):
                     help="time gate tile shapes at flashmoba 512K (checks equal selections)")
     ap.add_argument("--fwd-sweep", action="store_true",
                     help="forward variants (partial dtype, pass budget, tiles) + kernel breakdown")
-    ap.add_argument("--sweep-jobs", default="flashmoba:8192,gqa:8192,flashmoba:131072",
+    ap.add_argument("--sweep-jobs", default="flashmoba:8192,gqa:8192,paper:131072,flashmoba:131072",
                     help="settings of --fwd-sweep, e.g. paper:1048576")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
