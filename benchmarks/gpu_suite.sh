@@ -40,7 +40,7 @@ for part in $PARTS; do
       tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_decode.py \
       -k "$MEMCHECK_TESTS" 2>&1 | tee "$OUT/memcheck.log" | tail -4 ;;
   fwd-sweep)
-    timeout $(limit 150) python benchmarks/gpu_forward.py --fwd-sweep --settings none --out "$OUT/fwd_sweep" 2>&1 | tail -45 ;;
+    timeout $(limit 240) python benchmarks/gpu_forward.py --fwd-sweep --settings none --out "$OUT/fwd_sweep" 2>&1 | tail -60 ;;
   fwd)
     timeout $(limit 260) python benchmarks/gpu_forward.py --out "$OUT/fwd" \
       --jobs "${FWD_JOBS:-paper:1048576,flashmoba:524288,flashmoba:8192,gqa:8192,gqa:32768,flashmoba:131072,paper:131072,paper:32768,paper32h:1048576,paper:524288}" 2>&1 | tail -16 ;;
