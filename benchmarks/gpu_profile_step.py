@@ -17,9 +17,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 from moba_attn import moba_attn_varlen_func
+from moba_attn.bench import time_ms
 from moba_attn.training.config import PRESETS, TrainConfig
 from moba_attn.training.data import load_corpus
 from moba_attn.training.trainer import Run
@@ -66,26 +65,13 @@ def step_profile(preset: str, attn: str, warm: int, steps: int, out: str, device
     return {"attn": attn, "step_s_profiled": times}
 
 
-def time_ms(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        import triton
-
-        return triton.testing.do_bench(fn, warmup=20, rep=200, return_mode="median")
-    fn()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
-
-
 def op_bench(preset: str, device: str) -> dict:
     p = PRESETS[preset]
     cfg = TrainConfig(preset=preset).resolved()
     batch, t, hq, hkv = cfg.batch_size, cfg.seq_len, p.num_heads, p.num_kv_heads
     d = p.hidden_size // p.num_heads
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     g = {"device": device, "dtype": dtype}
     q = torch.randn(batch * t, hq, d, **g, requires_grad=True)
     k = torch.randn(batch * t, hkv, d, **g, requires_grad=True)
@@ -128,8 +114,8 @@ def op_bench(preset: str, device: str) -> dict:
     ):
         try:
             with torch.no_grad():
-                fwd = time_ms(f, device)
-            fb = time_ms(lambda f=f, grad=grad: f().backward(grad), device)
+                fwd = time_ms(f, dev, 3, False)
+            fb = time_ms(lambda f=f, grad=grad: f().backward(grad), dev, 3, False)
             res[name] = {"fwd_ms": fwd, "fwd_bwd_ms": fb}
         except RuntimeError as err:
             res[name] = {"error": str(err)[:200]}

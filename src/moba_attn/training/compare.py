@@ -473,7 +473,7 @@ def summary_markdown(table: list[dict], base: TrainConfig, evaluated: bool) -> s
             f"{_pct(r['trailing_vs_full_pct'])} | {_f(r['retrieval_acc'], '.2f')} | "
             f"{_f(r['sparsity'], '.1%')} | {_f(r['tokens_per_s'], ',.0f')} |"
         )
-    rising = [r for r in table if _overfit_pct(r) is not None]
+    rising = [(r, pct) for r in table if (pct := _overfit_pct(r)) is not None]
     if rising:
         lines += [
             "",
@@ -481,9 +481,9 @@ def summary_markdown(table: list[dict], base: TrainConfig, evaluated: bool) -> s
                 "**Held-out loss rose before the end** (periodic evaluations; more than "
                 f"{OVERFIT_RISE_PCT:g}% above its lowest): "
                 + "; ".join(
-                    f"{r['variant']} {_overfit_pct(r):+.1f}% from {r['best_periodic_heldout']:.4f} "
+                    f"{r['variant']} {pct:+.1f}% from {r['best_periodic_heldout']:.4f} "
                     f"at step {r['best_periodic_step']}"
-                    for r in rising
+                    for r, pct in rising
                 )
                 + ". Those variants were memorising their training data, and the final losses "
                 "compare how much each one overfits. Train on more data (`--corpus python`, "
