@@ -34,7 +34,7 @@ for part in $PARTS; do
   case $part in
   tests)
     timeout $(limit 240) python -m pytest -m gpu -q -p no:cacheprovider tests/ 2>&1 | tee "$OUT/pytest_gpu.log" | tail -4
-    timeout $(limit 60) python -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -2 ;;
+    timeout $(limit 100) python -m pytest -q -p no:cacheprovider tests/test_transformers.py 2>&1 | tail -2 ;;
   memcheck)  # one small GPU test per kernel family: forward (gate + attention), backward, decode
     timeout $(limit 150) compute-sanitizer --tool memcheck --print-limit 20 python -m pytest -q -p no:cacheprovider \
       tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_decode.py \

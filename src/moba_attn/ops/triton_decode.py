@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gate import _insert_keys, _key_blocks, _score_keys
+
 LOG2E = 1.4426950408889634
 POISON = False  # debugging/tests: fill outputs and partial buffers with NaN (or -7) first
 MAX_DECODE_SLOTS = 256  # k-1 above this is not supported (the running set lives in registers)
@@ -80,36 +82,21 @@ def _gate_kernel(Q, C, N_REAL, SEL, KEYS, hq, n_cent, K1, block_size, blocks_per
     # Running set [GP, KP]: distinct sentinels below every real key (-2^63 + 1 + j).
     run = tl.full([GP, KP], -9223372036854775807, tl.int64) + cols[None, :].to(tl.int64)
     floor = tl.full([GP, BN], -9223372036854775807, tl.int64)  # key of a non-candidate
-    two32 = 4294967296
     for j0 in range(lo, hi, BN):
         j = j0 + tl.arange(0, BN)  # [BN] int64 block ids
         jm = j < hi
         c = tl.load(C + b * stride_cb + j[:, None] * stride_cn + hk * stride_ch + d[None, :],
                     mask=jm[:, None], other=0.0)  # [BN, D] fp32
         s = tl.dot(q, tl.trans(c), input_precision="ieee")  # [GP, BN], full fp32
-        bits = s.to(tl.int32, bitcast=True)
-        bits = tl.where(s == 0.0, 0, bits)  # -0.0 and +0.0 are one score
-        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = ordered * two32 + (two32 - 1 - j[None, :])  # [GP, BN] int64
-        key = tl.where(rmask[:, None] & jm[None, :], key, floor)
-        cmax = tl.max(key, axis=1)  # [GP] best of the chunk
-        rmin = tl.min(run, axis=1)  # [GP] worst kept so far
-        # Insert chunk keys that beat the current worst, best first; keys are distinct.
-        while tl.max((cmax > rmin).to(tl.int32), axis=0) > 0:
-            ins = cmax > rmin
-            run = tl.where((run == rmin[:, None]) & ins[:, None], cmax[:, None], run)
-            key = tl.where((key == cmax[:, None]) & ins[:, None], floor, key)
-            cmax = tl.max(key, axis=1)
-            rmin = tl.min(run, axis=1)
+        key = _score_keys(s, j[None, :])  # [GP, BN] int64
+        run = _insert_keys(run, tl.where(rmask[:, None] & jm[None, :], key, floor), floor)
     row = b * hq + h  # [GP] (row, query head) index
     if SPLIT:
         n_sp = tl.num_programs(2)
         tl.store(KEYS + (row[:, None] * n_sp + sp) * KP + cols[None, :], run,
                  mask=rmask[:, None])
     else:
-        run = tl.sort(run, dim=1, descending=True)  # best score first
-        low = run - ((run >> 32) << 32)  # 2^32 - 1 - block
-        blk = tl.where(run > -9223372036854775807 + KP, two32 - 1 - low, -1)
+        blk = _key_blocks(tl.sort(run, dim=1, descending=True), KP)  # best score first
         tl.store(SEL + row[:, None] * K1 + cols[None, :], blk.to(tl.int32),
                  mask=rmask[:, None] & (cols[None, :] < K1))
 
@@ -119,9 +106,7 @@ def _gate_merge_kernel(KEYS, SEL, K1, NK: tl.constexpr, KP: tl.constexpr):
     """One (row, query head): the best k-1 of the gate splits' top-(k-1) keys."""
     rh = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NK)
-    key = tl.sort(tl.load(KEYS + rh * NK + i), descending=True)  # [NK] int64
-    low = key - ((key >> 32) << 32)
-    blk = tl.where(key > -9223372036854775807 + KP, 4294967295 - low, -1)
+    blk = _key_blocks(tl.sort(tl.load(KEYS + rh * NK + i), descending=True), KP)  # [NK]
     tl.store(SEL + rh * K1 + i, blk.to(tl.int32), mask=i < K1)
 
 

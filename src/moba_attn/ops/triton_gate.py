@@ -51,6 +51,43 @@ def _interpreting() -> bool:
 
 
 # ----------------------------------------------------------------------------- kernels
+# Top-(k-1) building blocks, shared with the decode gate (``triton_decode``). A key is
+# ``(order-preserving fp32 bits << 32) | (2^32 - 1 - block)``: distinct per block, and
+# "higher key" is "higher score, then lower block". The running set starts with distinct
+# sentinels ``-2^63 + 1 + j`` below every real key.
+@triton.jit
+def _score_keys(s, bidx):
+    """int64 keys of fp32 scores ``s`` for block ids ``bidx`` (broadcast to ``s``'s shape)."""
+    bits = s.to(tl.int32, bitcast=True)
+    bits = tl.where(s == 0.0, 0, bits)  # -0.0 and +0.0 are one score
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+    two32 = 4294967296
+    return ordered * two32 + (two32 - 1 - bidx.to(tl.int64))
+
+
+@triton.jit
+def _insert_keys(run, key, floor):
+    """Running top set ``run [R, KP]`` after inserting the chunk ``key [R, BN]`` (``floor``
+    marks non-candidates): the chunk's best keys that beat the current worst, best first."""
+    cmax = tl.max(key, axis=1)  # [R] best of the chunk
+    rmin = tl.min(run, axis=1)  # [R] worst kept so far
+    while tl.max((cmax > rmin).to(tl.int32), axis=0) > 0:
+        ins = cmax > rmin
+        run = tl.where((run == rmin[:, None]) & ins[:, None], cmax[:, None], run)
+        key = tl.where((key == cmax[:, None]) & ins[:, None], floor, key)
+        cmax = tl.max(key, axis=1)
+        rmin = tl.min(run, axis=1)
+    return run
+
+
+@triton.jit
+def _key_blocks(key, KP: tl.constexpr):
+    """Block id of every key, ``-1`` for the sentinels."""
+    two32 = 4294967296
+    low = key - ((key >> 32) << 32)  # 2^32 - 1 - block, in [0, 2^32)
+    return tl.where(key > -9223372036854775807 + KP, two32 - 1 - low, -1)
+
+
 @triton.jit
 def _centroid_kernel(K, C, BLK_START, BLK_LEN, stride_kt, stride_kh, stride_cb, stride_ch,
                      D: tl.constexpr, BT: tl.constexpr):
@@ -95,7 +132,6 @@ def _gate_topk_kernel(Q, C, ROW_OWN, ROW_FIRST, SEL, total_q, K1,
     sent = tl.full([BM, KP], -9223372036854775807, tl.int64)
     run = sent + cols[None, :].to(tl.int64)
     floor = tl.full([BM, BN], -9223372036854775807, tl.int64)  # key of a non-candidate
-    two32 = 4294967296
     for b0 in range(lo, hi, BN):
         bidx = b0 + tl.arange(0, BN)  # [BN] int64 global block ids
         c = tl.load(C + bidx[:, None] * stride_cb + hk * stride_ch + d[None, :],
@@ -104,25 +140,11 @@ def _gate_topk_kernel(Q, C, ROW_OWN, ROW_FIRST, SEL, total_q, K1,
             s = tl.dot(q, tl.trans(c), input_precision="ieee")  # [BM, BN]
         else:
             s = tl.dot(q, tl.trans(c))  # TF32 tensor cores
-        bits = s.to(tl.int32, bitcast=True)
-        bits = tl.where(s == 0.0, 0, bits)  # -0.0 and +0.0 are one score
-        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-        key = ordered * two32 + (two32 - 1 - bidx[None, :])  # [BM, BN] int64
+        key = _score_keys(s, bidx[None, :])  # [BM, BN] int64
         cand = (bidx[None, :] >= first[:, None]) & (bidx[None, :] < own[:, None])
-        key = tl.where(cand, key, floor)
-        cmax = tl.max(key, axis=1)  # [BM] best of the chunk
-        rmin = tl.min(run, axis=1)  # [BM] worst kept so far
-        # Insert chunk keys that beat the current worst, best first; keys are distinct.
-        while tl.max((cmax > rmin).to(tl.int32), axis=0) > 0:
-            ins = cmax > rmin
-            run = tl.where((run == rmin[:, None]) & ins[:, None], cmax[:, None], run)
-            key = tl.where((key == cmax[:, None]) & ins[:, None], floor, key)
-            cmax = tl.max(key, axis=1)
-            rmin = tl.min(run, axis=1)
+        run = _insert_keys(run, tl.where(cand, key, floor), floor)
 
-    run = tl.sort(run, dim=1, descending=True)  # best score first
-    low = run - ((run >> 32) << 32)  # 2^32 - 1 - block, in [0, 2^32)
-    blk = tl.where(run > -9223372036854775807 + KP, two32 - 1 - low, -1)
+    blk = _key_blocks(tl.sort(run, dim=1, descending=True), KP)  # best score first
     ptr = SEL + rows[:, None] * stride_st + h * stride_sh + cols[None, :]
     tl.store(ptr, blk, mask=rmask[:, None] & (cols[None, :] < K1))
 
