@@ -395,6 +395,34 @@ def test_summary_flags_heldout_rising_from_its_minimum():
         [flat], TrainConfig(preset="tiny").resolved(), True)
 
 
+@needs_moba
+def test_summary_says_whether_the_curves_flattened():
+    from moba_attn.training.compare import summary_markdown
+
+    base = {
+        "variant": "full", "attn": "full", "seed": 0, "tokens_seen": 10, "heldout_loss": 1.0,
+        "heldout_vs_full_pct": 0.0, "trailing_loss": None, "trailing_vs_full_pct": None,
+        "retrieval_acc": None, "sparsity": 0.0, "tokens_per_s": 1.0,
+        "best_periodic_heldout": 1.0, "best_periodic_step": 300, "final_periodic_heldout": 1.0,
+    }
+    falling = {**base, "heldout_change_tail_pct": -1.6}
+    flat = {**base, "variant": "moba", "heldout_change_tail_pct": -0.4}
+    cfg = TrainConfig(preset="tiny").resolved()
+    md = summary_markdown([falling, flat], cfg, True)
+    assert "full -1.60%, moba -0.40%" in md and "**Still falling** (more than 1%): full;" in md
+    assert "Every curve has flattened" in summary_markdown([flat], cfg, True)
+    assert "last 20% of the steps" not in summary_markdown([base], cfg, True)  # no evaluations
+
+
+def test_heldout_tail_change_reads_the_last_fifth_of_the_steps():
+    from moba_attn.training.trainer import heldout_tail_change
+
+    vals = [(60, 2.0), (80, 1.0), (90, 0.95), (100, 0.9)]
+    assert heldout_tail_change(vals, 100) == pytest.approx(-10.0)  # 1.0 at step 80 -> 0.9
+    assert heldout_tail_change(vals[:1], 100) is None  # no evaluation in the window
+    assert heldout_tail_change([(100, 0.9)], 100) is None  # one evaluation: no change to read
+
+
 def test_compare_sizes_steps_to_a_time_budget(tmp_path, capsys):
     out = tmp_path / "budget"
     args = [

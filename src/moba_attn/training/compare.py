@@ -31,7 +31,7 @@ import numpy as np
 from .config import PRESETS, TrainConfig
 from .data import load_corpus
 from .modeling import moba_sparsity
-from .trainer import Run, _bar, describe, resolve_device
+from .trainer import FLAT_TAIL, Run, _bar, describe, resolve_device
 
 VARIANTS = ("full", "moba", "hybrid", "layer-hybrid")
 DEFAULT_VARIANTS = "full,full@1,moba,hybrid,layer-hybrid"
@@ -391,6 +391,7 @@ def _write_summary(
             "final_periodic_heldout": s["final_val_loss"],
             "best_periodic_heldout": s.get("best_val_loss"),
             "best_periodic_step": s.get("best_val_step"),
+            "heldout_change_tail_pct": s.get("val_change_tail_pct"),
             "trailing_loss": r.get("trailing_loss"),
             "retrieval_acc": (r.get("retrieval") or {}).get("mean"),
             "eval_attn": r.get("attn_used"),
@@ -426,6 +427,7 @@ def _write_summary(
 
 
 OVERFIT_RISE_PCT = 2.0  # a final periodic held-out loss this far above its minimum is flagged
+FLAT_PCT = 1.0  # a held-out fall larger than this over the last FLAT_TAIL of the steps: still falling
 
 
 def _overfit_pct(row: dict) -> float | None:
@@ -488,6 +490,24 @@ def summary_markdown(table: list[dict], base: TrainConfig, evaluated: bool) -> s
                 + ". Those variants were memorising their training data, and the final losses "
                 "compare how much each one overfits. Train on more data (`--corpus python`, "
                 "`--data DIR`) or for fewer steps."
+            ),
+        ]
+    tails = [(r["variant"], r.get("heldout_change_tail_pct")) for r in table]
+    tails = [(v, p) for v, p in tails if p is not None]
+    if tails:
+        falling = [v for v, p in tails if p < -FLAT_PCT]
+        lines += [
+            "",
+            (
+                f"Periodic held-out loss over the last {FLAT_TAIL:.0%} of the steps: "
+                + ", ".join(f"{v} {p:+.2f}%" for v, p in tails)
+                + (
+                    f". **Still falling** (more than {FLAT_PCT:g}%): {', '.join(falling)}; the curves "
+                    "have not flattened at this token budget, so train longer (`--steps`) before "
+                    "reading the final losses as converged."
+                    if falling
+                    else f". Every curve has flattened (within {FLAT_PCT:g}%)."
+                )
             ),
         ]
     fulls = [r for r in table if r["attn"] == "full" and r["heldout_loss"] is not None]

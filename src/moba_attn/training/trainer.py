@@ -28,6 +28,7 @@ from .modeling import (
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.csv"
+FLAT_TAIL = 0.2  # the summary reports the held-out change over this last share of the steps
 COLUMNS = (
     "step",
     "loss",
@@ -101,6 +102,13 @@ def read_metrics(path: Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def heldout_tail_change(vals: list[tuple[int, float]], last_step: int) -> float | None:
+    """Change (%) of the periodic held-out loss ``[(step, loss)]`` over the last
+    ``FLAT_TAIL`` of ``last_step`` steps: first to last evaluation in that window."""
+    tail = [v for s, v in vals if s >= (1 - FLAT_TAIL) * last_step]
+    return 100 * (tail[-1] / tail[0] - 1) if len(tail) > 1 and tail[0] > 0 else None
 
 
 class Run:
@@ -285,6 +293,7 @@ class Run:
             "final_val_loss": vals[-1][1] if vals else None,
             "best_val_loss": best[1],  # the lowest periodic held-out loss, and its step
             "best_val_step": best[0],
+            "val_change_tail_pct": heldout_tail_change(vals, self.step_no),
             "tokens_per_s": float(np.median(all_tps)) if all_tps else None,
             "tokens_per_s_moba": float(np.median(tps["moba"])) if tps["moba"] else None,
             "tokens_per_s_full": float(np.median(tps["full"])) if tps["full"] else None,
