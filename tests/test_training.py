@@ -143,6 +143,16 @@ def test_sparsity_accounting():
     assert moba_sparsity(1024, 512, 3)["causal"] == 0.0  # topk >= #blocks is dense
 
 
+def test_presets_build_the_documented_model_sizes():
+    from moba_attn.training.modeling import build_model, count_params, model_config
+
+    sizes = {"tiny": 0.8e6, "mini": 12.8e6}  # the larger presets are too slow to build here
+    for name, n in sizes.items():
+        cfg = TrainConfig(preset=name).resolved()
+        model = build_model(model_config(cfg, 256, 0), seed=0)
+        assert abs(count_params(model) - n) / n < 0.05, name
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="full_attn_layers"):
         TrainConfig(full_attn_layers=(7,)).resolved()

@@ -49,6 +49,26 @@ PRESETS: dict[str, Preset] = {
         eval_every=50,
         note="CPU smoke runs",
     ),
+    # ~13M params, 8K context, block 512 / topk 3: the `small` setting at a size whose
+    # held-out curve can flatten within a few hundred million tokens (about 40 tokens per
+    # parameter at the default 6000 steps x 8 x 8192).
+    "mini": Preset(
+        "mini",
+        384,
+        8,
+        6,
+        2,
+        1024,
+        seq_len=8192,
+        batch_size=8,
+        steps=6000,
+        lr=2e-3,
+        block_size=512,
+        topk=3,
+        layer_hybrid_full=(-2, -1),
+        eval_every=250,
+        note="GPU, ~13M params, 8K context",
+    ),
     # ~52M params, 8K context, block 512 / topk 3 (the paper's 8K setting, 81% nominal sparsity).
     "small": Preset(
         "small",
