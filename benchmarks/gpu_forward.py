@@ -214,13 +214,17 @@ def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
 SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config)
     ("default", None, None, None),
     ("partial budget 2x output", None, "2x", None),
-    ("partial budget 1/4 output", None, "quarter", None),
     ("1/4 output, 64 MB floor", None, "quarter:64", None),
     ("1/4 output, 16 MB floor", None, "quarter:16", None),
     ("fp32 partials", torch.float32, None, None),
     ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3)),
     ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3)),
     ("sel 128x64 w8, diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3)),
+    # wider key tiles and taller entry tiles for large blocks (the 1M stretch target)
+    ("sel 128x128 w8 s2, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 2)),
+    ("sel 128x128 w8 s3, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 3)),
+    ("sel 64x128 w4, diag 128x64 w8", None, None, (64, 128, 4, 128, 64, 8, 3)),
+    ("sel 256x64 w8 s2, diag 128x64 w8", None, None, (256, 64, 8, 128, 64, 8, 2)),
 ]
 
 
@@ -241,8 +245,7 @@ def fwd_sweep(log, jobs):
         for label, pdt, budget, conf in SWEEP_VARIANTS:
             ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
             two_x = min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2
-            quarter = min(max(q.numel() * 2 // 4, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2
-            budgets = {None: None, "inf": 1 << 40, "2x": two_x, "quarter": quarter}
+            budgets = {None: None, "2x": two_x}
             for floor_mb in (64, 16):  # a quarter of the output with a lower floor
                 budgets[f"quarter:{floor_mb}"] = min(
                     max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
