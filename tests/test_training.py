@@ -387,16 +387,22 @@ def test_user_data_with_local_tokenizer(tmp_path):
     assert c.decode(x[answers[0][0] : answers[0][1]]).strip().isdigit()
 
 
+def _summary_row(**kw) -> dict:
+    """One row of the compare summary table, as ``_write_summary`` builds it."""
+    row = {
+        "variant": "full", "attn": "full", "seed": 0, "tokens_seen": 10, "heldout_loss": 1.0,
+        "heldout_vs_full_pct": 0.0, "trailing_loss": None, "trailing_vs_full_pct": None,
+        "retrieval_acc": None, "sparsity": 0.0, "tokens_per_s": 1.0,
+        "best_periodic_heldout": 1.0, "best_periodic_step": 300, "final_periodic_heldout": 1.0,
+    }
+    return {**row, **kw}
+
+
 @needs_moba
 def test_summary_flags_heldout_rising_from_its_minimum():
     from moba_attn.training.compare import summary_markdown
 
-    row = {
-        "variant": "full", "attn": "full", "seed": 0, "tokens_seen": 10, "heldout_loss": 1.2,
-        "heldout_vs_full_pct": 0.0, "trailing_loss": None, "trailing_vs_full_pct": None,
-        "retrieval_acc": None, "sparsity": 0.0, "tokens_per_s": 1.0,
-        "best_periodic_heldout": 1.0, "best_periodic_step": 300, "final_periodic_heldout": 1.1,
-    }
+    row = _summary_row(heldout_loss=1.2, final_periodic_heldout=1.1)
     flat = {**row, "variant": "moba", "final_periodic_heldout": 1.01}  # +1%: under the limit
     md = summary_markdown([row, flat], TrainConfig(preset="tiny").resolved(), True)
     assert "Held-out loss rose before the end" in md
@@ -409,12 +415,7 @@ def test_summary_flags_heldout_rising_from_its_minimum():
 def test_summary_says_whether_the_curves_flattened():
     from moba_attn.training.compare import summary_markdown
 
-    base = {
-        "variant": "full", "attn": "full", "seed": 0, "tokens_seen": 10, "heldout_loss": 1.0,
-        "heldout_vs_full_pct": 0.0, "trailing_loss": None, "trailing_vs_full_pct": None,
-        "retrieval_acc": None, "sparsity": 0.0, "tokens_per_s": 1.0,
-        "best_periodic_heldout": 1.0, "best_periodic_step": 300, "final_periodic_heldout": 1.0,
-    }
+    base = _summary_row()
     falling = {**base, "heldout_change_tail_pct": -1.6}
     flat = {**base, "variant": "moba", "heldout_change_tail_pct": -0.4}
     cfg = TrainConfig(preset="tiny").resolved()
