@@ -515,7 +515,8 @@ def run_config(run: Runner, heads, hkv, t, modes):
     for mode, row in rows.items():
         st = stats[mode]
         if mode in CP_MODES and st:
-            mx = run.all_max(st["bytes_recv_fwd"], st["bytes_sent_bwd"], st.get("fetched_blocks", 0))
+            mx = run.all_max(st["bytes_recv_fwd"], st["bytes_sent_bwd"],
+                             st.get("fetched_blocks", 0))
             (total,) = run.all_sum(st["bytes_recv_fwd"])
             row.update(bytes_recv_fwd_max=int(mx[0]), bytes_sent_bwd_max=int(mx[1]),
                        bytes_recv_fwd_sum=int(total),

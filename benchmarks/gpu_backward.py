@@ -196,9 +196,9 @@ def breakdown(batch, t, hq, hkv, d, b, kk):
         total=time_ms(lambda: tb.moba_backward_triton(*case, False)),
         entries=time_ms(lambda: tb._Entries(layout, sel, 0, total_q, hq, hkv, kk)),
         dkdv=time_ms(lambda: tb._launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents,
-                                             kk, scale, d, "tf32")),
-        dq=time_ms(lambda: tb._launch_dq(q, k, v, dout, dq, lse2, delta, layout, ents, kk,
-                                         scale, True, 0, d, "tf32")),
+                                             scale, d, "tf32")),
+        dq=time_ms(lambda: tb._launch_dq(q, k, v, dout, dq, lse2, delta, layout, ents, scale,
+                                         True, 0, d, "tf32")),
     )
     keys = n_attended_keys(torch.tensor([0, t]), torch.tensor([0, t]), b, kk) * batch * hq
     res["dkdv_tflops"] = 4 * 2 * d * keys / (res["dkdv"] * 1e-3) / 1e12
@@ -236,8 +236,8 @@ def dkdv_tiles(cases=None):
             dk, dv = torch.empty_like(k), torch.empty_like(v)
 
             def run(dk=dk, dv=dv):
-                tb._launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, kk, scale,
-                                d, "tf32")
+                tb._launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, scale, d,
+                                "tf32")
 
             try:
                 ms = time_ms(run)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from moba_attn.bench import cuda_event_ms
+from moba_attn import bench
 from moba_attn.ops import triton_attention as ta
 from moba_attn.ops import triton_gate as tg
 from moba_attn.ops.gate import BlockLayout, dense_causal_keys, n_attended_keys
@@ -56,22 +56,18 @@ def machine() -> str:
             f"triton {triton.__version__}, python {platform.python_version()}")
 
 
-def time_ms(fn, long: bool, reps: int = 3) -> float:
-    if not long:
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    torch.cuda.synchronize()
-    return float(cuda_event_ms(fn, reps))
+CUDA = torch.device("cuda")
+
+
+def time_ms(fn, long: bool) -> float:
+    """``moba_attn.bench.time_ms`` on the GPU: do_bench median, or (``long``) one warm-up and
+    the median of 3 CUDA-event timings."""
+    return bench.time_ms(fn, CUDA, 3, long)
 
 
 def peak_gb(fn) -> float:
-    """Rise of the allocator's peak over what was allocated before the call (the inputs)."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 1e9
+    """Rise of the allocator's peak over what was allocated before the call (the inputs), GB."""
+    return bench.peak_mib(fn, CUDA) * 2**20 / 1e9
 
 
 def rows_reference(q, k, v, layout, sel, scale, rows):
@@ -242,13 +238,14 @@ def fwd_sweep(log, jobs):
         ta.PART_DTYPE = torch.float32
         ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
         ta.PART_DTYPE = None
+        # partial budgets in bf16 elements: twice the output, or a quarter with a lower floor
+        budgets = {None: None,
+                   "2x": min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2}
+        for floor_mb in (64, 16):
+            budgets[f"quarter:{floor_mb}"] = min(
+                max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
         for label, pdt, budget, conf in SWEEP_VARIANTS:
             ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
-            two_x = min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2
-            budgets = {None: None, "2x": two_x}
-            for floor_mb in (64, 16):  # a quarter of the output with a lower floor
-                budgets[f"quarter:{floor_mb}"] = min(
-                    max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
             ta.PART_CHUNK_ELEMS = budgets[budget]
             try:
                 o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]

@@ -167,4 +167,5 @@ def test_deterministic_rounds_equal_index_add():
     rank = torch.tensor([0, 0, 1, 0, 1, 2])  # tiles of one group get ranks 0, 1, 2, ...
     src = torch.randn(6, 3, dtype=torch.float64)
     torch_impl._add_rows_in_rounds(dst, index, src, rank)
-    torch.testing.assert_close(dst, torch.zeros(10, 3, dtype=torch.float64).index_add_(0, index, src))
+    want = torch.zeros(10, 3, dtype=torch.float64).index_add_(0, index, src)
+    torch.testing.assert_close(dst, want)

@@ -537,5 +537,5 @@ def _cmd_env(args) -> int:
     return 0
 
 
-__all__ = ["BenchConfig", "run_benchmark", "run_check", "format_table", "write_results", "cuda_event_ms",
-           "plot_results", "env_report", "local_walk", "make_inputs"]
+__all__ = ["BenchConfig", "run_benchmark", "run_check", "format_table", "write_results",
+           "cuda_event_ms", "plot_results", "env_report", "local_walk", "make_inputs"]

@@ -504,7 +504,7 @@ def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, kernels, det
     clay = BlockLayout.build(torch.as_tensor(cu_q, device=dev),
                              torch.as_tensor(np.asarray(cu_k, np.int64), device=dev), bs)
     out, lse = MobaGivenSelection.apply(q.contiguous(), k_c.contiguous(), v_c.contiguous(), clay,
-                                         sel_c.contiguous(), topk, scale, kernels, deterministic)
+                                        sel_c.contiguous(), topk, scale, kernels, deterministic)
     if stats is not None:
         item = k.element_size()
         stats.update({

@@ -66,7 +66,8 @@ def _interpreting() -> bool:
 def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
                        stride_st, stride_sh, GROUP: tl.constexpr, BLOCK: tl.constexpr):
     """Sort key of every (row, q head, slot) entry of a pass: ``kv head (local) * n_blocks +
-    block`` (int16 or int32), ``n_buckets`` for an unused slot. Entry ``e = ((row-r0)*HS + g)*K1 + j``."""
+    block`` (int16 or int32), ``n_buckets`` for an unused slot.
+    Entry ``e = ((row-r0)*HS + g)*K1 + j``."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < n_ent
     row = r0 + e // (HS * K1)

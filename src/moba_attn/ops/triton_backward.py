@@ -256,9 +256,10 @@ class _Entries:
         del grp_sorted
         self.n_groups = n_groups
         rh = torch.div(self.ent, topk, rounding_mode="floor")
-        lim = self.ent - rh * topk  # the slot
-        lim = torch.where(lim == 0, layout.row_pos[torch.div(rh, hq, rounding_mode="floor")]
+        slot = self.ent - rh * topk
+        lim = torch.where(slot == 0, layout.row_pos[torch.div(rh, hq, rounding_mode="floor")]
                           % layout.block_size + 1, layout.block_size)
+        del slot
         self.lim = lim.to(torch.int32)
         del lim
         self.rh = rh.to(torch.int32) if layout.row_pos.numel() * hq < 2**31 else rh
@@ -279,8 +280,8 @@ class _Entries:
         return grp, start
 
 
-def _launch_dq(q, k, v, dout, dq_buf, lse2, delta, layout, ents, topk, scale, atomic,
-               eid_base, block_d, precision):
+def _launch_dq(q, k, v, dout, dq_buf, lse2, delta, layout, ents, scale, atomic, eid_base,
+               block_d, precision):
     bm, bn, warps, stages = _config("dq", block_d, layout.block_size)
     grp, start = ents.tiles(bm)
     if grp.numel() == 0:
@@ -294,8 +295,7 @@ def _launch_dq(q, k, v, dout, dq_buf, lse2, delta, layout, ents, topk, scale, at
         PRECISION=precision, num_warps=warps, num_stages=stages)
 
 
-def _launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, topk, scale, block_d,
-                 precision):
+def _launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, scale, block_d, precision):
     bm, bn, warps, stages = _config("dkdv", block_d, layout.block_size)
     n_sub = triton.cdiv(layout.width, bn)
     hkv, d = k.shape[1], q.shape[2]
@@ -350,12 +350,11 @@ def moba_backward_triton(q, k, v, out, lse, dout, layout: BlockLayout, sel, topk
 
     dk = _empty_like(k)
     dv = _empty_like(v)
-    _launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, topk, scale, block_d,
-                 precision)
+    _launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents, scale, block_d, precision)
 
     if not deterministic:
         dq = torch.zeros(total_q, hq, d, dtype=torch.float32, device=dev)
-        _launch_dq(q, k, v, dout, dq, lse2, delta, layout, ents, topk, scale, True, 0, block_d,
+        _launch_dq(q, k, v, dout, dq, lse2, delta, layout, ents, scale, True, 0, block_d,
                    precision)
         return dq.to(q.dtype), dk, dv
 
@@ -366,7 +365,7 @@ def moba_backward_triton(q, k, v, out, lse, dout, layout: BlockLayout, sel, topk
         part_ents = ents if (r0 == 0 and r1 == total_q) else _Entries(
             layout, sel, r0, r1, hq, hkv, topk)
         part = torch.zeros(r1 - r0, hq, topk, d, dtype=torch.float32, device=dev)
-        _launch_dq(q, k, v, dout, part, lse2, delta, layout, part_ents, topk, scale, False,
+        _launch_dq(q, k, v, dout, part, lse2, delta, layout, part_ents, scale, False,
                    r0 * hq * topk, block_d, precision)
         dq[r0:r1] = part.sum(2).to(q.dtype)  # fixed slot order: deterministic
     return dq, dk, dv

@@ -175,8 +175,8 @@ def run_compare(
     step = min(r.step_no for r in runs)
     if stopped:
         log(
-            f"[moba compare] time limit reached at step {step}/{base.steps}; rerun the same command to "
-            "continue (checkpoints saved)"
+            f"[moba compare] time limit reached at step {step}/{base.steps}; rerun the same "
+            "command to continue (checkpoints saved)"
             + ("" if train_only else "; evaluation runs when all variants finish")
         )
     if train_only:
@@ -427,7 +427,7 @@ def _write_summary(
 
 
 OVERFIT_RISE_PCT = 2.0  # a final periodic held-out loss this far above its minimum is flagged
-FLAT_PCT = 1.0  # a held-out fall larger than this over the last FLAT_TAIL of the steps: still falling
+FLAT_PCT = 1.0  # a larger held-out fall over the last FLAT_TAIL of the steps: still falling
 
 
 def _overfit_pct(row: dict) -> float | None:
@@ -502,9 +502,9 @@ def summary_markdown(table: list[dict], base: TrainConfig, evaluated: bool) -> s
                 f"Periodic held-out loss over the last {FLAT_TAIL:.0%} of the steps: "
                 + ", ".join(f"{v} {p:+.2f}%" for v, p in tails)
                 + (
-                    f". **Still falling** (more than {FLAT_PCT:g}%): {', '.join(falling)}; the curves "
-                    "have not flattened at this token budget, so train longer (`--steps`) before "
-                    "reading the final losses as converged."
+                    f". **Still falling** (more than {FLAT_PCT:g}%): {', '.join(falling)}; the "
+                    "curves have not flattened at this token budget, so train longer (`--steps`) "
+                    "before reading the final losses as converged."
                     if falling
                     else f". Every curve has flattened (within {FLAT_PCT:g}%)."
                 )

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 
 
-
 def annotate_cells(ax, data, fontsize: int) -> None:
     """Write each cell's value (2 decimals) on a [0, 1] heatmap drawn with ``imshow``."""
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=fontsize,
                     color="white" if data[i, j] < 0.6 else "black")
+
 
 def _plt():
     import matplotlib
