@@ -195,8 +195,11 @@ def test_chunked_partials_match_one_chunk(monkeypatch):
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-def test_pass_splits_match_one_pass(monkeypatch):
-    # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks
+@pytest.mark.parametrize("shared_sort", [True, False], ids=["shared-sort", "sort-per-pass"])
+def test_pass_splits_match_one_pass(monkeypatch, shared_sort):
+    # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks; groups of
+    # kv heads either share one sort of all entries or sort their own
+    monkeypatch.setattr(ta, "SHARED_SORT", shared_sort)
     lens, bsz, topk, hq, hkv, d = [40, 300], 16, 4, 6, 3, 32
     q, k, v = make_qkv(340, 340, hq, hkv, d, torch.float32)
     layout = BlockLayout.build(cu(lens), cu(lens), bsz)
@@ -395,12 +398,15 @@ def test_gpu_kv_head_group_passes():
     # partials of one kv head fit the budget, all kv heads do not: passes over kv-head groups
     t, hq, hkv, d, topk = 6000, 8, 4, 128, 5
     q, k, v = make_qkv(t, t, hq, hkv, d, torch.bfloat16)
-    old = ta.PART_CHUNK_ELEMS
+    old = ta.PART_CHUNK_ELEMS, ta.SHARED_SORT
     ta.PART_CHUNK_ELEMS = 2 * t * (hq // hkv) * (topk - 1) * d
     try:
-        check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t), floor=1e-4)
+        for shared in (True, False):  # one sort of all entries, or one per pass
+            ta.SHARED_SORT = shared
+            check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t),
+                            floor=1e-4)
     finally:
-        ta.PART_CHUNK_ELEMS = old
+        ta.PART_CHUNK_ELEMS, ta.SHARED_SORT = old
 
 
 @gpu

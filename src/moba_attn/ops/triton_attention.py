@@ -16,7 +16,9 @@ A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]`
 ``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB): one key kernel, one
 sort and one launch per stage for the whole call.
 Otherwise passes take groups of kv heads over all rows, or (long T) one kv head over row
-chunks, so the partials never reach ``[T, H, k, D]`` at long T.
+chunks, so the partials never reach ``[T, H, k, D]`` at long T. Passes over kv-head groups
+share one sort of every entry (``SHARED_SORT``): each pass then launches only its two
+attention kernels on its window of buckets; row-chunk passes sort their own entries.
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
 the op calls cuDNN attention instead, forward and backward (with ``deterministic=True`` the
 backward stays the Triton one). Host copies of ``cu_seqlens`` and the block layouts
@@ -49,6 +51,8 @@ PART_DTYPE: torch.dtype | None = None
 # PART_MAX_BYTES], so the forward's peak stays within 1.5x dense attention's (output + LSE)
 # plus index-sized buffers at long T (H200 sweep, 2026-11-28: benchmarks/RESULTS.md).
 PART_MIN_BYTES = 256 << 20
+# Head-group passes share one sort of all entries (True) or sort their own entries (False).
+SHARED_SORT = True
 PART_MAX_BYTES = 4 << 30
 INT16_KEYS_MAX = (1 << 15) - 1  # passes with fewer buckets sort int16 keys
 FWD_CONFIG: tuple | None = None  # override of ``_configs`` (benchmarks sweep tile shapes)
@@ -80,15 +84,18 @@ def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
 
 @triton.jit
 def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_START,
-                      n_blocks, n_buckets, r0, hk0, HS, K1, block_size, scale2,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      n_blocks, b_lo, b_hi, n_tiles, r0, hk0, h0, HS, HS_ENT, K1, block_size,
+                      scale2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       IEEE: tl.constexpr):
     """One tile: up to BM (row, q head, slot) entries that selected the same (kv head, key
-    block) bucket ``b = (kv head - hk0) * n_blocks + block``."""
-    t = tl.program_id(0).to(tl.int64)
-    b = tl.load(TILE_BLK + t)  # int64 bucket of this tile; n_buckets for an idle program
-    if b < n_buckets:
+    block) bucket ``b = (kv head - hk0) * n_blocks + block``, for the buckets ``[b_lo, b_hi)``
+    of this pass. Entry ids count ``HS_ENT`` heads from kv head ``hk0``; the partials of the
+    pass are stored by ``((row - r0) * HS + head - h0) * K1 + slot``."""
+    t = tl.load(TILE_END + b_lo - 1, mask=b_lo > 0, other=0) + tl.program_id(0).to(tl.int64)
+    # int64 bucket of this tile; past the pass's buckets for an idle program
+    b = tl.load(TILE_BLK + t, mask=t < n_tiles, other=b_hi)
+    if b < b_hi:
         hk = hk0 + b // n_blocks
         blk = b % n_blocks
         e_lo = tl.load(BOUNDS + b)
@@ -98,8 +105,9 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
         m = tl.arange(0, BM)
         emask = e0 + m < e_hi
         ent = tl.load(ENT + e0 + m, mask=emask, other=0)  # [BM] int64 entry ids
-        row = r0 + ent // (HS * K1)
-        h = hk0 * GROUP + (ent // K1) % HS
+        row = r0 + ent // (HS_ENT * K1)
+        h = hk0 * GROUP + (ent // K1) % HS_ENT
+        part = ((row - r0) * HS + h - h0) * K1 + ent % K1  # [BM] partial slot of the pass
         d = tl.arange(0, D)
         q = tl.load(Q + row[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
                     mask=emask[:, None], other=0.0)  # [BM, D]
@@ -127,9 +135,9 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
             m_i = m_new
         o = acc / l_i[:, None]
         lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
-        tl.store(PO + ent[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
+        tl.store(PO + part[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
                  mask=emask[:, None])
-        tl.store(PL + ent, lse, mask=emask)
+        tl.store(PL + part, lse, mask=emask)
 
 
 @triton.jit
@@ -381,17 +389,23 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in passes)
     part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
     part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
+    # Passes of kv-head groups over all rows share one sort of every entry when
+    # SHARED_SORT is set: each pass then launches only its two attention kernels.
+    shared = SHARED_SORT and len(passes) > 1 and all(
+        r0 == 0 and r1 == total_q for _, _, _, _, r0, r1 in passes)
     # bucket keys are < 2**15 in most calls: int16 halves the radix sort's passes
-    max_buckets = max(nkh for _, nkh, _, _, _, _ in passes) * n_blocks
+    max_buckets = (hkv if shared else max(nkh for _, nkh, _, _, _, _ in passes)) * n_blocks
     key_dtype = torch.int16 if max_buckets < INT16_KEYS_MAX else torch.int32
-    keys = torch.empty(n_ent_cap, dtype=key_dtype, device=q.device)
+    keys = torch.empty(total_q * hq * k1 if shared else n_ent_cap, dtype=key_dtype,
+                       device=q.device)
     if POISON:
         part_o.fill_(float("nan"))
         part_l.fill_(float("nan"))
     key_block = 1024
-    for hk0, nkh, t_lo, t_hi, r0, r1 in passes:
-        hs = nkh * group  # q heads of this pass
-        h0 = hk0 * group
+
+    def sort_entries(r0, r1, h0, hs, nkh):
+        """Bucket keys, sort and tile arrays of the (row, head, slot) entries of rows
+        ``[r0, r1)`` and q heads ``[h0, h0 + hs)``, on device."""
         n_ent = (r1 - r0) * hs * k1
         n_buckets = nkh * n_blocks
         kv = keys[:n_ent]
@@ -407,10 +421,24 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         n_ub = triton.cdiv(n_ent, sel_bm) + min(n_buckets, n_ent)  # >= tiles needed
         tile_blk = torch.searchsorted(
             tile_end, _arange_cached(layout, n_ub, tile_end.dtype, q.device), right=True)
-        _sel_block_kernel[(n_ub,)](
+        return ent, bounds, tile_end, tile_blk, n_ub
+
+    if shared:
+        ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(0, total_q, 0, hq, hkv)
+    for hk0, nkh, t_lo, t_hi, r0, r1 in passes:
+        hs = nkh * group  # q heads of this pass
+        h0 = hk0 * group
+        n_ent = (r1 - r0) * hs * k1
+        if shared:  # bucket ids and entry ids are those of the shared sort (all heads)
+            b_lo, b_hi, base_hk, hs_ent = hk0 * n_blocks, (hk0 + nkh) * n_blocks, 0, hq
+        else:
+            ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(r0, r1, h0, hs, nkh)
+            b_lo, b_hi, base_hk, hs_ent = 0, nkh * n_blocks, hk0, hs
+        grid = triton.cdiv(n_ent, sel_bm) + min(nkh * n_blocks, n_ent)  # >= the pass's tiles
+        _sel_block_kernel[(grid,)](
             q, k, v, part_o, part_l, ent, tile_blk, bounds, tile_end, layout.blk_start,
-            n_blocks, n_buckets, r0, hk0, hs, k1, bsz, scale2, *common,
-            GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee,
+            n_blocks, b_lo, b_hi, n_tiles, r0, base_hk, h0, hs, hs_ent, k1, bsz, scale2,
+            *common, GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee,
             num_warps=sel_w, num_stages=stages,
         )
         _diag_merge_kernel[(t_hi - t_lo, hs)](
