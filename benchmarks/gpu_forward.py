@@ -216,6 +216,8 @@ SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config, shared
     ("1/4 output, 16 MB floor", None, "quarter:16", None, True),
     ("1/4 output, 16 MB floor, sort per pass", None, "quarter:16", None, False),
     ("1/4 output, no floor", None, "quarter:0", None, True),
+    ("1/2 output, no floor", None, "half", None, True),
+    ("1/2 output, no floor, sort per pass", None, "half", None, False),
     ("fp32 partials", torch.float32, None, None, True),
     ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3), True),
     ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3), True),
@@ -242,9 +244,11 @@ def fwd_sweep(log, jobs):
         ta.PART_DTYPE = torch.float32
         ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
         ta.PART_DTYPE = None
-        # partial budgets in bf16 elements: twice the output, or a quarter with a lower floor
+        # partial budgets in bf16 elements: twice or half the output, or a quarter with a
+        # lower floor
         budgets = {None: None,
-                   "2x": min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2}
+                   "2x": min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2,
+                   "half": min(q.numel(), ta.PART_MAX_BYTES) // 2}
         for floor_mb in (64, 16, 0):
             budgets[f"quarter:{floor_mb}"] = min(
                 max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
