@@ -207,26 +207,28 @@ def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
             tg.GATE_TILE = None
 
 
-SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config, shared sort)
-    ("default", None, None, None, True),
-    ("default, sort per pass", None, None, None, False),
-    ("partial budget 2x output", None, "2x", None, True),
-    ("1/4 output, 64 MB floor", None, "quarter:64", None, True),
-    ("1/4 output, 64 MB floor, sort per pass", None, "quarter:64", None, False),
-    ("1/4 output, 16 MB floor", None, "quarter:16", None, True),
-    ("1/4 output, 16 MB floor, sort per pass", None, "quarter:16", None, False),
-    ("1/4 output, no floor", None, "quarter:0", None, True),
-    ("1/2 output, no floor", None, "half", None, True),
-    ("1/2 output, no floor, sort per pass", None, "half", None, False),
-    ("fp32 partials", torch.float32, None, None, True),
-    ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3), True),
-    ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3), True),
-    ("sel 128x64 w8, diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3), True),
+PER_PASS = {"SHARED_SORT": False}  # head-group passes sort their own entries
+SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config, module overrides)
+    ("default", None, None, None, {}),
+    ("default, sort per pass", None, None, None, PER_PASS),
+    ("default, mul-add softmax", None, None, None, {"FWD_FMA": False}),
+    ("partial budget 2x output", None, "2x", None, {}),
+    ("1/4 output, 64 MB floor", None, "quarter:64", None, {}),
+    ("1/4 output, 64 MB floor, sort per pass", None, "quarter:64", None, PER_PASS),
+    ("1/4 output, 16 MB floor", None, "quarter:16", None, {}),
+    ("1/4 output, 16 MB floor, sort per pass", None, "quarter:16", None, PER_PASS),
+    ("1/4 output, no floor", None, "quarter:0", None, {}),
+    ("1/2 output, no floor", None, "half", None, {}),
+    ("1/2 output, no floor, sort per pass", None, "half", None, PER_PASS),
+    ("fp32 partials", torch.float32, None, None, {}),
+    ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3), {}),
+    ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3), {}),
+    ("sel 128x64 w8, diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3), {}),
     # wider key tiles and taller entry tiles for large blocks (the 1M stretch target)
-    ("sel 128x128 w8 s2, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 2), True),
-    ("sel 128x128 w8 s3, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 3), True),
-    ("sel 64x128 w4, diag 128x64 w8", None, None, (64, 128, 4, 128, 64, 8, 3), True),
-    ("sel 256x64 w8 s2, diag 128x64 w8", None, None, (256, 64, 8, 128, 64, 8, 2), True),
+    ("sel 128x128 w8 s2, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 2), {}),
+    ("sel 128x128 w8 s3, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 3), {}),
+    ("sel 64x128 w4, diag 128x64 w8", None, None, (64, 128, 4, 128, 64, 8, 3), {}),
+    ("sel 256x64 w8 s2, diag 128x64 w8", None, None, (256, 64, 8, 128, 64, 8, 2), {}),
 ]
 
 
@@ -252,8 +254,10 @@ def fwd_sweep(log, jobs):
         for floor_mb in (64, 16, 0):
             budgets[f"quarter:{floor_mb}"] = min(
                 max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
-        for label, pdt, budget, conf, shared in SWEEP_VARIANTS:
-            ta.PART_DTYPE, ta.FWD_CONFIG, ta.SHARED_SORT = pdt, conf, shared
+        for label, pdt, budget, conf, overrides in SWEEP_VARIANTS:
+            ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
+            for attr, value in overrides.items():
+                setattr(ta, attr, value)
             ta.PART_CHUNK_ELEMS = budgets[budget]
             try:
                 o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]
@@ -273,7 +277,7 @@ def fwd_sweep(log, jobs):
                        "error": str(err).splitlines()[0][:150]}
             finally:
                 ta.PART_DTYPE = ta.FWD_CONFIG = ta.PART_CHUNK_ELEMS = None
-                ta.SHARED_SORT = True
+                ta.SHARED_SORT = ta.FWD_FMA = True
             log("sweep " + json.dumps(rec))
             out.append(rec)
         if (name, t) == jobs[0]:

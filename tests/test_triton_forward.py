@@ -184,6 +184,15 @@ def test_attention_given_selection(case):
     check_attention(q, k, v, cu(lq), cu(lk), bsz, topk, floor=1e-5 if dtype == torch.float32 else 1e-4)
 
 
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "mul-add"])
+def test_online_softmax_variants_match_reference(monkeypatch, fma):
+    # the scale folded into one FMA per score with P @ V accumulated in the MMA, or not
+    monkeypatch.setattr(ta, "FWD_FMA", fma)
+    lens = [40, 300]
+    q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float32)
+    check_attention(q, k, v, cu(lens), cu(lens), 16, 4, floor=1e-5)
+
+
 def test_chunked_partials_match_one_chunk(monkeypatch):
     lens, bsz, topk = [40, 300], 16, 4
     q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float32)

@@ -12,6 +12,7 @@ Schedule (exact per-token routing; see ``naive.py`` for the rule):
      block-diagonal causal attention) and merges the k-1 partials of each row into it by LSE,
      writing the final output and LSE.
 Partials are stored in the input dtype (fp16/bf16; fp32 for fp32 inputs), the merge is fp32.
+Both attention kernels share one online-softmax step (``_online_softmax_step``).
 A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``) fit
 ``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB): one key kernel, one
 sort and one launch per stage for the whole call.
@@ -53,6 +54,9 @@ PART_DTYPE: torch.dtype | None = None
 PART_MIN_BYTES = 256 << 20
 # Head-group passes share one sort of all entries (True) or sort their own entries (False).
 SHARED_SORT = True
+# Online softmax with the scale folded into one FMA per score and P @ V accumulated in the MMA
+# (True), or a separate scale multiply and accumulator add (False).
+FWD_FMA = True
 PART_MAX_BYTES = 4 << 30
 INT16_KEYS_MAX = (1 << 15) - 1  # passes with fewer buckets sort int16 keys
 FWD_CONFIG: tuple | None = None  # override of ``_configs`` (benchmarks sweep tile shapes)
@@ -66,6 +70,35 @@ def _interpreting() -> bool:
 
 
 # ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE: tl.constexpr, FMA: tl.constexpr):
+    """One key tile of the online softmax: raw scores ``qk [BM, BN]`` (``-inf`` where masked),
+    values ``vt [BN, D]``; returns the new running max (log2 domain), sum and accumulator.
+    ``FMA``: the scale folds into the exponent's argument (one fused multiply-add per score)
+    and the P @ V product accumulates into ``acc`` inside the MMA."""
+    if FMA:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale2)  # scale2 > 0: max commutes
+        p = tl.math.exp2(qk * scale2 - m_new[:, None])
+    else:
+        s = qk * scale2
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if FMA:
+        if IEEE:
+            acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vt.dtype), vt, acc)
+    else:
+        if IEEE:
+            acc = acc + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            acc = acc + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
+
+
 @triton.jit
 def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
                        stride_st, stride_sh, GROUP: tl.constexpr, BLOCK: tl.constexpr):
@@ -87,7 +120,7 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
                       n_blocks, b_lo, b_hi, n_tiles, r0, hk0, h0, HS, HS_ENT, K1, block_size,
                       scale2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      IEEE: tl.constexpr):
+                      IEEE: tl.constexpr, FMA: tl.constexpr):
     """One tile: up to BM (row, q head, slot) entries that selected the same (kv head, key
     block) bucket ``b = (kv head - hk0) * n_blocks + block``, for the buckets ``[b_lo, b_hi)``
     of this pass. Entry ids count ``HS_ENT`` heads from kv head ``hk0``; the partials of the
@@ -120,19 +153,11 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
             kidx = kstart + n0 + n  # [BN] int64
             kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :])  # [BN, D]
             if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale2
+                qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
             else:
-                s = tl.dot(q, tl.trans(kt)) * scale2  # [BM, BN], log2 domain
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+                qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
             vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])  # [BN, D]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m_i = m_new
+            m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
         o = acc / l_i[:, None]
         lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
         tl.store(PO + part[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
@@ -146,7 +171,7 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_ot, stride_oh, stride_st, stride_sh,
                        GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       K1P: tl.constexpr, IEEE: tl.constexpr):
+                       K1P: tl.constexpr, IEEE: tl.constexpr, FMA: tl.constexpr):
     """Causal own-block attention of a query tile for one q head, then the LSE merge of the
     row's k-1 selected-block partials (``K1P``: k-1 rounded up to a power of two); writes the
     final output and LSE."""
@@ -175,22 +200,14 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
         kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :],
                      mask=kmask[:, None], other=0.0)  # [BN, D]
         if IEEE:
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale2
+            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(kt)) * scale2  # [BM, BN]
+            qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
         ok = (kidx[None, :] >= ks[:, None]) & (kidx[None, :] < ke[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: m_i starts at -1e30
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        qk = tl.where(ok, qk, float("-inf"))  # the running max stays finite: m_i starts at -1e30
         vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :],
                      mask=kmask[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
     # Merge the selected-block partials (each a normalised output o_j with LSE_j). All slots'
     # selections and LSEs are loaded at once, so the weights are known before any partial is
     # read and the partial loads do not wait on each other.
@@ -377,7 +394,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         _diag_merge_kernel[(ts_np.shape[0], hq)](
             q, k, v, out, lse, lse, lse, sel, tile_rs, tile_re, row_ks, row_ke,
             0, 0, 0, hq, 0, total_q, scale2, *common, out.stride(0), out.stride(1), 0, 0,
-            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=1, IEEE=ieee,
+            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=1, IEEE=ieee, FMA=FWD_FMA,
             num_warps=diag_w, num_stages=stages,
         )
         return out, lse
@@ -438,7 +455,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         _sel_block_kernel[(grid,)](
             q, k, v, part_o, part_l, ent, tile_blk, bounds, tile_end, layout.blk_start,
             n_blocks, b_lo, b_hi, n_tiles, r0, base_hk, h0, hs, hs_ent, k1, bsz, scale2,
-            *common, GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee,
+            *common, GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee, FMA=FWD_FMA,
             num_warps=sel_w, num_stages=stages,
         )
         _diag_merge_kernel[(t_hi - t_lo, hs)](
@@ -446,6 +463,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
             t_lo, r0, h0, hs, k1, total_q, scale2, *common,
             out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
             GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=triton.next_power_of_2(k1), IEEE=ieee,
+            FMA=FWD_FMA,
             num_warps=diag_w, num_stages=stages,
         )
     return out, lse
