@@ -206,8 +206,9 @@ def test_chunked_partials_match_one_chunk(monkeypatch):
 
 @pytest.mark.parametrize("shared_sort", [True, False], ids=["shared-sort", "sort-per-pass"])
 def test_pass_splits_match_one_pass(monkeypatch, shared_sort):
-    # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks; groups of
-    # kv heads either share one sort of all entries or sort their own
+    # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks; the
+    # passes either share one sort of all entries (bucketed by kv head, row chunk and block)
+    # or sort their own
     monkeypatch.setattr(ta, "SHARED_SORT", shared_sort)
     lens, bsz, topk, hq, hkv, d = [40, 300], 16, 4, 6, 3, 32
     q, k, v = make_qkv(340, 340, hq, hkv, d, torch.float32)
@@ -404,16 +405,19 @@ def test_gpu_long_multichunk_setting():
 
 @gpu
 def test_gpu_kv_head_group_passes():
-    # partials of one kv head fit the budget, all kv heads do not: passes over kv-head groups
+    # partials of one kv head fit the budget, all kv heads do not: passes over kv-head groups;
+    # then a budget under one kv head's: one kv head at a time over row chunks
     t, hq, hkv, d, topk = 6000, 8, 4, 128, 5
     q, k, v = make_qkv(t, t, hq, hkv, d, torch.bfloat16)
     old = ta.PART_CHUNK_ELEMS, ta.SHARED_SORT
-    ta.PART_CHUNK_ELEMS = 2 * t * (hq // hkv) * (topk - 1) * d
+    per_head = t * (hq // hkv) * (topk - 1) * d
     try:
-        for shared in (True, False):  # one sort of all entries, or one per pass
-            ta.SHARED_SORT = shared
-            check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t),
-                            floor=1e-4)
+        for budget in (2 * per_head, per_head // 3):
+            ta.PART_CHUNK_ELEMS = budget
+            for shared in (True, False):  # one sort of all entries, or one per pass
+                ta.SHARED_SORT = shared
+                check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t),
+                                floor=1e-4)
     finally:
         ta.PART_CHUNK_ELEMS, ta.SHARED_SORT = old
 

@@ -17,9 +17,10 @@ A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]`
 ``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB): one key kernel, one
 sort and one launch per stage for the whole call.
 Otherwise passes take groups of kv heads over all rows, or (long T) one kv head over row
-chunks, so the partials never reach ``[T, H, k, D]`` at long T. Passes over kv-head groups
-share one sort of every entry (``SHARED_SORT``): each pass then launches only its two
-attention kernels on its window of buckets; row-chunk passes sort their own entries.
+chunks, so the partials never reach ``[T, H, k, D]`` at long T. Up to
+``SHARED_SORT_MAX_ENTRIES`` entries the passes share one sort of every entry, bucketed by
+(kv head, row chunk, block) (``SHARED_SORT``): each pass then launches only its two attention
+kernels on its window of buckets. Longer calls sort each pass's entries apart.
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
 the op calls cuDNN attention instead, forward and backward (with ``deterministic=True`` the
 backward stays the Triton one). Host copies of ``cu_seqlens`` and the block layouts
@@ -52,8 +53,11 @@ PART_DTYPE: torch.dtype | None = None
 # PART_MAX_BYTES], so the forward's peak stays within 1.5x dense attention's (output + LSE)
 # plus index-sized buffers at long T (H200 sweep, 2026-11-28: benchmarks/RESULTS.md).
 PART_MIN_BYTES = 256 << 20
-# Head-group passes share one sort of all entries (True) or sort their own entries (False).
+# Passes share one sort of all entries (True) or sort their own entries (False); shared only
+# up to SHARED_SORT_MAX_ENTRIES (row, head, slot) entries, whose sort arrays (int64 order, two
+# key arrays) then hold at most ~0.2 GB. Longer calls have few, long passes.
 SHARED_SORT = True
+SHARED_SORT_MAX_ENTRIES = 1 << 24
 # Online softmax with the scale folded into one FMA per score and P @ V accumulated in the MMA
 # (True), or a separate scale multiply and accumulator add (False).
 FWD_FMA = True
@@ -100,10 +104,12 @@ def _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE: tl.constexpr, FMA:
 
 
 @triton.jit
-def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
-                       stride_st, stride_sh, GROUP: tl.constexpr, BLOCK: tl.constexpr):
-    """Sort key of every (row, q head, slot) entry of a pass: ``kv head (local) * n_blocks +
-    block`` (int16 or int32), ``n_buckets`` for an unused slot.
+def _bucket_key_kernel(SEL, KEY, CHUNK_START, n_ent, r0, h0, HS, K1, n_blocks, n_chunks,
+                       n_buckets, stride_st, stride_sh, GROUP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Sort key of every (row, q head, slot) entry: ``((kv head (local) * n_chunks + row
+    chunk) * n_blocks + block`` (int16 or int32), ``n_buckets`` for an unused slot; row chunk
+    ``c`` starts at row ``CHUNK_START[c]`` (``n_chunks`` = 1: no chunks).
     Entry ``e = ((row-r0)*HS + g)*K1 + j``."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < n_ent
@@ -111,25 +117,30 @@ def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
     g = (e // K1) % HS
     j = e % K1
     s = tl.load(SEL + row * stride_st + (h0 + g) * stride_sh + j, mask=m, other=-1)
-    key = tl.where(s >= 0, s + (g // GROUP) * n_blocks, n_buckets)
+    chunk = tl.zeros_like(row)
+    for c in range(1, n_chunks):
+        chunk += (row >= tl.load(CHUNK_START + c)).to(tl.int64)
+    key = tl.where(s >= 0, s + ((g // GROUP) * n_chunks + chunk) * n_blocks, n_buckets)
     tl.store(KEY + e, key.to(KEY.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_START,
-                      n_blocks, b_lo, b_hi, n_tiles, r0, hk0, h0, HS, HS_ENT, K1, block_size,
+                      n_blocks, n_chunks, b_lo, b_hi, n_tiles, er0, r0, hk0, h0, HS, HS_ENT, K1,
+                      block_size,
                       scale2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                       GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                       IEEE: tl.constexpr, FMA: tl.constexpr):
-    """One tile: up to BM (row, q head, slot) entries that selected the same (kv head, key
-    block) bucket ``b = (kv head - hk0) * n_blocks + block``, for the buckets ``[b_lo, b_hi)``
-    of this pass. Entry ids count ``HS_ENT`` heads from kv head ``hk0``; the partials of the
-    pass are stored by ``((row - r0) * HS + head - h0) * K1 + slot``."""
+    """One tile: up to BM (row, q head, slot) entries that selected the same (kv head, row
+    chunk, key block) bucket ``b = ((kv head - hk0) * n_chunks + chunk) * n_blocks + block``,
+    for the buckets ``[b_lo, b_hi)`` of this pass. Entry ids count rows from ``er0`` and
+    ``HS_ENT`` heads from kv head ``hk0``; the partials of the pass are stored by
+    ``((row - r0) * HS + head - h0) * K1 + slot``."""
     t = tl.load(TILE_END + b_lo - 1, mask=b_lo > 0, other=0) + tl.program_id(0).to(tl.int64)
     # int64 bucket of this tile; past the pass's buckets for an idle program
     b = tl.load(TILE_BLK + t, mask=t < n_tiles, other=b_hi)
     if b < b_hi:
-        hk = hk0 + b // n_blocks
+        hk = hk0 + b // (n_chunks * n_blocks)
         blk = b % n_blocks
         e_lo = tl.load(BOUNDS + b)
         e_hi = tl.load(BOUNDS + b + 1)
@@ -138,7 +149,7 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
         m = tl.arange(0, BM)
         emask = e0 + m < e_hi
         ent = tl.load(ENT + e0 + m, mask=emask, other=0)  # [BM] int64 entry ids
-        row = r0 + ent // (HS_ENT * K1)
+        row = er0 + ent // (HS_ENT * K1)
         h = hk0 * GROUP + (ent // K1) % HS_ENT
         part = ((row - r0) * HS + h - h0) * K1 + ent % K1  # [BM] partial slot of the pass
         d = tl.arange(0, D)
@@ -358,6 +369,16 @@ def _passes(ts_np, te_np, hq: int, hkv: int, k1: int, d: int, budget: int):
             for hk in range(hkv) for a, b in zip(t_lo, t_hi)]
 
 
+def _chunk_starts(layout: BlockLayout, starts: list, device) -> torch.Tensor:
+    """First row of every row chunk, int64 on ``device``, memoised."""
+    c = _layout_cache(layout)
+    key = ("chunks", tuple(starts), str(device))
+    t = c.get(key)
+    if t is None:
+        t = c[key] = torch.tensor(starts, dtype=torch.int64, device=device)
+    return t
+
+
 def _arange_cached(layout: BlockLayout, n: int, dtype, device) -> torch.Tensor:
     c = _layout_cache(layout)
     key = ("arange", str(dtype), str(device))
@@ -406,29 +427,32 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in passes)
     part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
     part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
-    # Passes of kv-head groups over all rows share one sort of every entry when
-    # SHARED_SORT is set: each pass then launches only its two attention kernels.
-    shared = SHARED_SORT and len(passes) > 1 and all(
-        r0 == 0 and r1 == total_q for _, _, _, _, r0, r1 in passes)
+    # The passes share one sort of every entry (bucketed by kv head, row chunk and block)
+    # when SHARED_SORT is set and the entries are few enough that their sort arrays stay
+    # small next to the partials: each pass then launches only its two attention kernels.
+    n_all = total_q * hq * k1
+    shared = SHARED_SORT and len(passes) > 1 and n_all <= SHARED_SORT_MAX_ENTRIES
+    chunk_start = sorted({r0 for _, _, _, _, r0, _ in passes})  # [0] for head-group passes
+    n_chunks = len(chunk_start) if shared else 1
+    chunk_t = _chunk_starts(layout, chunk_start, q.device) if shared else tile_rs
     # bucket keys are < 2**15 in most calls: int16 halves the radix sort's passes
-    max_buckets = (hkv if shared else max(nkh for _, nkh, _, _, _, _ in passes)) * n_blocks
+    max_buckets = (hkv * n_chunks if shared else max(p[1] for p in passes)) * n_blocks
     key_dtype = torch.int16 if max_buckets < INT16_KEYS_MAX else torch.int32
-    keys = torch.empty(total_q * hq * k1 if shared else n_ent_cap, dtype=key_dtype,
-                       device=q.device)
+    keys = torch.empty(n_all if shared else n_ent_cap, dtype=key_dtype, device=q.device)
     if POISON:
         part_o.fill_(float("nan"))
         part_l.fill_(float("nan"))
     key_block = 1024
 
-    def sort_entries(r0, r1, h0, hs, nkh):
+    def sort_entries(r0, r1, h0, hs, nkh, nch):
         """Bucket keys, sort and tile arrays of the (row, head, slot) entries of rows
         ``[r0, r1)`` and q heads ``[h0, h0 + hs)``, on device."""
         n_ent = (r1 - r0) * hs * k1
-        n_buckets = nkh * n_blocks
+        n_buckets = nkh * nch * n_blocks
         kv = keys[:n_ent]
         _bucket_key_kernel[(triton.cdiv(n_ent, key_block),)](
-            sel, kv, n_ent, r0, h0, hs, k1, n_blocks, n_buckets, sel.stride(0), sel.stride(1),
-            GROUP=group, BLOCK=key_block, num_warps=4,
+            sel, kv, chunk_t, n_ent, r0, h0, hs, k1, n_blocks, nch, n_buckets,
+            sel.stride(0), sel.stride(1), GROUP=group, BLOCK=key_block, num_warps=4,
         )
         sorted_b, ent = torch.sort(kv, stable=True)
         bounds = torch.searchsorted(
@@ -441,21 +465,23 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         return ent, bounds, tile_end, tile_blk, n_ub
 
     if shared:
-        ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(0, total_q, 0, hq, hkv)
+        ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(0, total_q, 0, hq, hkv, n_chunks)
     for hk0, nkh, t_lo, t_hi, r0, r1 in passes:
         hs = nkh * group  # q heads of this pass
         h0 = hk0 * group
         n_ent = (r1 - r0) * hs * k1
-        if shared:  # bucket ids and entry ids are those of the shared sort (all heads)
-            b_lo, b_hi, base_hk, hs_ent = hk0 * n_blocks, (hk0 + nkh) * n_blocks, 0, hq
+        if shared:  # bucket ids and entry ids are those of the shared sort (all heads, rows)
+            b_lo = (hk0 * n_chunks + chunk_start.index(r0)) * n_blocks
+            b_hi = b_lo + (nkh if n_chunks == 1 else 1) * n_blocks
+            er0, base_hk, hs_ent = 0, 0, hq
         else:
-            ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(r0, r1, h0, hs, nkh)
-            b_lo, b_hi, base_hk, hs_ent = 0, nkh * n_blocks, hk0, hs
+            ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(r0, r1, h0, hs, nkh, 1)
+            b_lo, b_hi, er0, base_hk, hs_ent = 0, nkh * n_blocks, r0, hk0, hs
         grid = triton.cdiv(n_ent, sel_bm) + min(nkh * n_blocks, n_ent)  # >= the pass's tiles
         _sel_block_kernel[(grid,)](
             q, k, v, part_o, part_l, ent, tile_blk, bounds, tile_end, layout.blk_start,
-            n_blocks, b_lo, b_hi, n_tiles, r0, base_hk, h0, hs, hs_ent, k1, bsz, scale2,
-            *common, GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee, FMA=FWD_FMA,
+            n_blocks, n_chunks, b_lo, b_hi, n_tiles, er0, r0, base_hk, h0, hs, hs_ent, k1, bsz,
+            scale2, *common, GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee, FMA=FWD_FMA,
             num_warps=sel_w, num_stages=stages,
         )
         _diag_merge_kernel[(t_hi - t_lo, hs)](
