@@ -208,19 +208,20 @@ def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
             tg.GATE_TILE = None
 
 
-PER_PASS = {"SHARED_SORT": False}  # every pass sorts its own entries
+PER_PASS = {"SHARED_SORT": False, "IN_PLACE": False}  # partials, each pass sorts its own
+PARTIALS = {"IN_PLACE": False}  # partials merged per pass, not in place
 SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config, module overrides)
     ("default", None, None, None, {}),
-    ("default, sort per pass", None, None, None, PER_PASS),
     ("default, mul-add softmax", None, None, None, {"FWD_FMA": False}),
-    ("1/4 output, 64 MB floor", None, "quarter:64", None, {}),
-    ("1/4 output, 64 MB floor, sort per pass", None, "quarter:64", None, PER_PASS),
-    ("1/4 output, 32 MB floor", None, "quarter:32", None, {}),
-    ("1/4 output, 16 MB floor", None, "quarter:16", None, {}),
-    ("1/4 output, 16 MB floor, sort per pass", None, "quarter:16", None, PER_PASS),
-    ("1/4 output, no floor", None, "quarter:0", None, {}),
-    ("1/8 output, no floor", None, "eighth", None, {}),
-    ("fp32 partials", torch.float32, None, None, {}),
+    ("partials, 256 MB floor", None, None, None, PARTIALS),
+    ("partials, 256 MB floor, sort per pass", None, None, None, PER_PASS),
+    ("partials, 64 MB floor", None, "quarter:64", None, PARTIALS),
+    ("partials, 64 MB floor, sort per pass", None, "quarter:64", None, PER_PASS),
+    ("partials, 32 MB floor", None, "quarter:32", None, PARTIALS),
+    ("partials, 16 MB floor", None, "quarter:16", None, PARTIALS),
+    ("partials, 16 MB floor, sort per pass", None, "quarter:16", None, PER_PASS),
+    ("partials, 1/4 output, no floor", None, "quarter:0", None, PARTIALS),
+    ("partials, 1/8 output, no floor", None, "eighth", None, PARTIALS),
     ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3), {}),
     ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3), {}),
     ("sel 128x64 w8, diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3), {}),
@@ -233,8 +234,9 @@ SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config, module
 
 
 def fwd_sweep(log, jobs, pick=".*"):
-    """Forward variants (partial dtype, pass budget, tile shapes): attention ms given the
-    selection, whole-op ms, peak GB, max |difference| from fp32 partials; then the kernel
+    """Forward variants (schedule, pass budget, tile shapes): attention ms given the
+    selection, whole-op ms, peak GB, max |difference| from fp32 partials merged in fp32
+    (``ref``, the most exact the kernels compute); then the kernel
     time breakdown of the default at the first job. ``pick``: a regular expression that
     the labels of the variants to run match from their start."""
     variants = [v for v in SWEEP_VARIANTS if re.match(pick, v[0])]
@@ -245,9 +247,9 @@ def fwd_sweep(log, jobs, pick=".*"):
         cu, q, k, v, scale = make_inputs(cfg, t)
         layout = BlockLayout.build(cu, cu, bsz)
         sel = tg.gate_triton(q, k, layout, topk)
-        ta.PART_DTYPE = torch.float32
+        ta.PART_DTYPE, ta.IN_PLACE = torch.float32, False  # fp32 partials, one fp32 merge
         ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
-        ta.PART_DTYPE = None
+        ta.PART_DTYPE = ta.IN_PLACE = None
         # partial budgets in bf16 elements: a quarter of the output with a lower floor, or
         # an eighth with none
         budgets = {None: None, "eighth": min(q.numel() * 2 // 8, ta.PART_MAX_BYTES) // 2}
@@ -278,6 +280,7 @@ def fwd_sweep(log, jobs, pick=".*"):
             finally:
                 ta.PART_DTYPE = ta.FWD_CONFIG = ta.PART_CHUNK_ELEMS = None
                 ta.SHARED_SORT = ta.FWD_FMA = True
+                ta.IN_PLACE = None
             log("sweep " + json.dumps(rec))
             out.append(rec)
         if (name, t) == jobs[0]:

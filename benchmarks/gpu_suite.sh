@@ -5,7 +5,7 @@
 #   COMMIT=<sha> bash benchmarks/gpu_suite.sh                       # every part, one GPU
 #   CUDA_VISIBLE_DEVICES=1 PARTS="decode train32" TAG=b DEADLINE=560 bash benchmarks/gpu_suite.sh
 # Parts: tests (pytest -m gpu), memcheck, fwd-sweep (forward variants + kernel breakdown;
-# SWEEP_VARIANTS picks them), fwd-tiles (tile variants at the paper setting, 256K and 1M;
+# SWEEP_VARIANTS picks them, SWEEP_JOBS the settings), fwd-tiles (tile variants at the paper setting, 256K and 1M;
 # TILE_VARIANTS),
 # fwd (the forward settings), decode (sparse decode vs dense decode), train32 and
 # train128 (training-step tokens/s at 32K / 128K), bwd (fwd+bwd, FlashMoBA setting, 128K and 256K),
@@ -43,10 +43,11 @@ for part in $PARTS; do
       -k "$MEMCHECK_TESTS" 2>&1 | tee "$OUT/memcheck.log" | tail -4 ;;
   fwd-sweep)
     timeout $(limit 240) python benchmarks/gpu_forward.py --fwd-sweep --settings none \
-      --sweep-variants "${SWEEP_VARIANTS:-(default|1/|fp32)}" --out "$OUT/fwd_sweep" 2>&1 | tail -70 ;;
+      --sweep-variants "${SWEEP_VARIANTS:-(default$|partials)}" \
+      ${SWEEP_JOBS:+--sweep-jobs "$SWEEP_JOBS"} --out "$OUT/fwd_sweep" 2>&1 | tail -70 ;;
   fwd-tiles)  # the sweep's variants at the paper setting's large blocks (the 1M stretch target)
     timeout $(limit 240) python benchmarks/gpu_forward.py --fwd-sweep --settings none \
-      --sweep-variants "${TILE_VARIANTS:-(default$|default, mul|sel (128x128|64x128|256))}" \
+      --sweep-variants "${TILE_VARIANTS:-(default$|default, mul|sel)}" \
       --sweep-jobs paper:262144,paper:1048576 --out "$OUT/fwd_tiles" 2>&1 | grep -E "^sweep|Error" ;;
   fwd)
     timeout $(limit 260) python benchmarks/gpu_forward.py --out "$OUT/fwd" \

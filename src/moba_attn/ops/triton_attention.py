@@ -58,6 +58,9 @@ PART_MIN_BYTES = 256 << 20
 # key arrays) then hold at most ~0.2 GB. Longer calls have few, long passes.
 SHARED_SORT = True
 SHARED_SORT_MAX_ENTRIES = 1 << 24
+# Selected blocks merge into the output in place, one launch per slot (True), or through
+# partial buffers (False); None: ``_in_place`` decides.
+IN_PLACE: bool | None = None
 # Online softmax with the scale folded into one FMA per score and P @ V accumulated in the MMA
 # (True), or a separate scale multiply and accumulator add (False).
 FWD_FMA = True
@@ -104,18 +107,18 @@ def _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE: tl.constexpr, FMA:
 
 
 @triton.jit
-def _bucket_key_kernel(SEL, KEY, CHUNK_START, n_ent, r0, h0, HS, K1, n_blocks, n_chunks,
+def _bucket_key_kernel(SEL, KEY, CHUNK_START, n_ent, r0, h0, HS, J0, NJ, n_blocks, n_chunks,
                        n_buckets, stride_st, stride_sh, GROUP: tl.constexpr,
                        BLOCK: tl.constexpr):
-    """Sort key of every (row, q head, slot) entry: ``((kv head (local) * n_chunks + row
-    chunk) * n_blocks + block`` (int16 or int32), ``n_buckets`` for an unused slot; row chunk
-    ``c`` starts at row ``CHUNK_START[c]`` (``n_chunks`` = 1: no chunks).
-    Entry ``e = ((row-r0)*HS + g)*K1 + j``."""
+    """Sort key of every (row, q head, slot) entry of slots ``[J0, J0 + NJ)``: ``((kv head
+    (local) * n_chunks + row chunk) * n_blocks + block`` (int16 or int32), ``n_buckets`` for
+    an unused slot; row chunk ``c`` starts at row ``CHUNK_START[c]`` (``n_chunks`` = 1: no
+    chunks). Entry ``e = ((row-r0)*HS + g)*NJ + j - J0``."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < n_ent
-    row = r0 + e // (HS * K1)
-    g = (e // K1) % HS
-    j = e % K1
+    row = r0 + e // (HS * NJ)
+    g = (e // NJ) % HS
+    j = J0 + e % NJ
     s = tl.load(SEL + row * stride_st + (h0 + g) * stride_sh + j, mask=m, other=-1)
     chunk = tl.zeros_like(row)
     for c in range(1, n_chunks):
@@ -125,17 +128,20 @@ def _bucket_key_kernel(SEL, KEY, CHUNK_START, n_ent, r0, h0, HS, K1, n_blocks, n
 
 
 @triton.jit
-def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_START,
+def _sel_block_kernel(Q, K, V, PO, PL, O, LSE, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_START,
                       n_blocks, n_chunks, b_lo, b_hi, n_tiles, er0, r0, hk0, h0, HS, HS_ENT, K1,
-                      block_size,
+                      NJ, block_size, total_q,
                       scale2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_ot, stride_oh,
                       GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      IEEE: tl.constexpr, FMA: tl.constexpr):
+                      IEEE: tl.constexpr, FMA: tl.constexpr, MERGE: tl.constexpr):
     """One tile: up to BM (row, q head, slot) entries that selected the same (kv head, row
     chunk, key block) bucket ``b = ((kv head - hk0) * n_chunks + chunk) * n_blocks + block``,
-    for the buckets ``[b_lo, b_hi)`` of this pass. Entry ids count rows from ``er0`` and
-    ``HS_ENT`` heads from kv head ``hk0``; the partials of the pass are stored by
-    ``((row - r0) * HS + head - h0) * K1 + slot``."""
+    for the buckets ``[b_lo, b_hi)`` of this pass. Entry ids count rows from ``er0``,
+    ``HS_ENT`` heads from kv head ``hk0`` and ``NJ`` slots per (row, head). The partials of
+    the pass are stored by ``((row - r0) * HS + head - h0) * K1 + slot``; with ``MERGE`` (one
+    slot per launch, so no two programs hold the same (row, head)) the tile's result is
+    merged by LSE into the output ``O`` and ``LSE`` in place instead."""
     t = tl.load(TILE_END + b_lo - 1, mask=b_lo > 0, other=0) + tl.program_id(0).to(tl.int64)
     # int64 bucket of this tile; past the pass's buckets for an idle program
     b = tl.load(TILE_BLK + t, mask=t < n_tiles, other=b_hi)
@@ -149,9 +155,8 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
         m = tl.arange(0, BM)
         emask = e0 + m < e_hi
         ent = tl.load(ENT + e0 + m, mask=emask, other=0)  # [BM] int64 entry ids
-        row = er0 + ent // (HS_ENT * K1)
-        h = hk0 * GROUP + (ent // K1) % HS_ENT
-        part = ((row - r0) * HS + h - h0) * K1 + ent % K1  # [BM] partial slot of the pass
+        row = er0 + ent // (HS_ENT * NJ)
+        h = hk0 * GROUP + (ent // NJ) % HS_ENT
         d = tl.arange(0, D)
         q = tl.load(Q + row[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
                     mask=emask[:, None], other=0.0)  # [BM, D]
@@ -169,11 +174,25 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
                 qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
             vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])  # [BN, D]
             m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
-        o = acc / l_i[:, None]
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
-        tl.store(PO + part[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
-                 mask=emask[:, None])
-        tl.store(PL + part, lse, mask=emask)
+        if MERGE:  # (out, lse) <- LSE merge of (out, lse) and this block's result, fp32
+            optr = O + row[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
+            o_old = tl.load(optr, mask=emask[:, None], other=0.0).to(tl.float32)
+            l_old = tl.load(LSE + h * total_q + row, mask=emask, other=0.0) * 1.4426950408889634
+            l_blk = m_i + tl.math.log2(l_i)
+            mx = tl.maximum(l_old, l_blk)
+            w_old = tl.math.exp2(l_old - mx)
+            w_blk = tl.math.exp2(l_blk - mx)
+            o = (o_old * w_old[:, None] + acc * (w_blk / l_i)[:, None]) / (w_old + w_blk)[:, None]
+            tl.store(optr, o.to(O.dtype.element_ty), mask=emask[:, None])
+            tl.store(LSE + h * total_q + row, (mx + tl.math.log2(w_old + w_blk)) / 1.4426950408889634,
+                     mask=emask)
+        else:
+            part = ((row - r0) * HS + h - h0) * K1 + ent % NJ  # [BM] partial slot of the pass
+            o = acc / l_i[:, None]
+            lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
+            tl.store(PO + part[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
+                     mask=emask[:, None])
+            tl.store(PL + part, lse, mask=emask)
 
 
 @triton.jit
@@ -316,7 +335,9 @@ def _configs(d: int, block_size: int, dense_entries: float):
     # benchmarks/RESULTS.md); larger blocks keep 128-row tiles, their loops are long
     small = block_size <= 512
     sel_bm = 128 if (dense_entries >= 128 and d <= 128 and not small) else 64
-    sel_bn = min(bn, bn_cap)
+    # 128-key tiles in the selected-block loop at blocks of 4096 (the same sweep: 3.7% faster
+    # at the paper's 1M, 5.5% at 256K)
+    sel_bn = min(128 if (d <= 128 and not small) else bn, bn_cap)
     diag_bm = 128 if (block_size >= 128 and d <= 128 and not small) else 64
     return (sel_bm, sel_bn, 8 if sel_bm == 128 else 4, diag_bm, min(bn, 64),
             8 if diag_bm == 128 else 4, 2 if d > 128 else 3)
@@ -411,27 +432,40 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     ts_np, te_np, tile_rs, tile_re, row_ks, row_ke = _tiles_for(layout, q.device, diag_bm)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
 
-    if k1 == 0:  # block-local attention: no selected blocks, one launch for all heads
+    # own-block causal attention of every row and head, one launch; with k1 == 0 that is
+    # the whole answer, with the in-place schedule the selected blocks merge into it
+    in_place = k1 > 0 and _in_place(est, sel_bm, k1)
+    if k1 == 0 or in_place:
         _diag_merge_kernel[(ts_np.shape[0], hq)](
             q, k, v, out, lse, lse, lse, sel, tile_rs, tile_re, row_ks, row_ke,
             0, 0, 0, hq, 0, total_q, scale2, *common, out.stride(0), out.stride(1), 0, 0,
             GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=1, IEEE=ieee, FMA=FWD_FMA,
             num_warps=diag_w, num_stages=stages,
         )
-        return out, lse
+        if k1 == 0:
+            return out, lse
 
     if sel.stride(2) != 1:
         sel = sel.contiguous()
-    part_dtype = _part_dtype(q)
-    passes = _passes(ts_np, te_np, hq, hkv, k1, d, _part_budget_elems(q, part_dtype))
-    n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in passes)
-    part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
-    part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
+    if in_place:  # one pass per slot, no partial buffer
+        passes = [(0, hkv, 0, ts_np.shape[0], 0, total_q)]
+        part_o = part_l = lse
+        n_ent_cap = total_q * hq
+    else:
+        part_dtype = _part_dtype(q)
+        passes = _passes(ts_np, te_np, hq, hkv, k1, d, _part_budget_elems(q, part_dtype))
+        n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in passes)
+        part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
+        part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
+        if POISON:
+            part_o.fill_(float("nan"))
+            part_l.fill_(float("nan"))
     # The passes share one sort of every entry (bucketed by kv head, row chunk and block)
     # when SHARED_SORT is set and the entries are few enough that their sort arrays stay
     # small next to the partials: each pass then launches only its two attention kernels.
     n_all = total_q * hq * k1
-    shared = SHARED_SORT and len(passes) > 1 and n_all <= SHARED_SORT_MAX_ENTRIES
+    shared = (not in_place and SHARED_SORT and len(passes) > 1
+              and n_all <= SHARED_SORT_MAX_ENTRIES)
     chunk_start = sorted({r0 for _, _, _, _, r0, _ in passes})  # [0] for head-group passes
     n_chunks = len(chunk_start) if shared else 1
     chunk_t = _chunk_starts(layout, chunk_start, q.device) if shared else tile_rs
@@ -439,19 +473,16 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     max_buckets = (hkv * n_chunks if shared else max(p[1] for p in passes)) * n_blocks
     key_dtype = torch.int16 if max_buckets < INT16_KEYS_MAX else torch.int32
     keys = torch.empty(n_all if shared else n_ent_cap, dtype=key_dtype, device=q.device)
-    if POISON:
-        part_o.fill_(float("nan"))
-        part_l.fill_(float("nan"))
     key_block = 1024
 
-    def sort_entries(r0, r1, h0, hs, nkh, nch):
+    def sort_entries(r0, r1, h0, hs, nkh, nch, j0, nj):
         """Bucket keys, sort and tile arrays of the (row, head, slot) entries of rows
-        ``[r0, r1)`` and q heads ``[h0, h0 + hs)``, on device."""
-        n_ent = (r1 - r0) * hs * k1
+        ``[r0, r1)``, q heads ``[h0, h0 + hs)`` and slots ``[j0, j0 + nj)``, on device."""
+        n_ent = (r1 - r0) * hs * nj
         n_buckets = nkh * nch * n_blocks
         kv = keys[:n_ent]
         _bucket_key_kernel[(triton.cdiv(n_ent, key_block),)](
-            sel, kv, chunk_t, n_ent, r0, h0, hs, k1, n_blocks, nch, n_buckets,
+            sel, kv, chunk_t, n_ent, r0, h0, hs, j0, nj, n_blocks, nch, n_buckets,
             sel.stride(0), sel.stride(1), GROUP=group, BLOCK=key_block, num_warps=4,
         )
         sorted_b, ent = torch.sort(kv, stable=True)
@@ -464,8 +495,25 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
             tile_end, _arange_cached(layout, n_ub, tile_end.dtype, q.device), right=True)
         return ent, bounds, tile_end, tile_blk, n_ub
 
+    def sel_launch(ent, bounds, tile_end, tile_blk, n_tiles, n_ent, nkh, b_lo, b_hi, er0, r0,
+                   base_hk, h0, hs, hs_ent, nj, merge):
+        grid = triton.cdiv(n_ent, sel_bm) + min(nkh * n_blocks, n_ent)  # >= the pass's tiles
+        _sel_block_kernel[(grid,)](
+            q, k, v, part_o, part_l, out, lse, ent, tile_blk, bounds, tile_end,
+            layout.blk_start, n_blocks, n_chunks, b_lo, b_hi, n_tiles, er0, r0, base_hk, h0,
+            hs, hs_ent, k1, nj, bsz, total_q, scale2, *common, out.stride(0), out.stride(1),
+            GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee, FMA=FWD_FMA, MERGE=merge,
+            num_warps=sel_w, num_stages=stages,
+        )
+
+    if in_place:  # slot j of every (row, head): each (row, head) once per launch
+        for j in range(k1):
+            srt = sort_entries(0, total_q, 0, hq, hkv, 1, j, 1)
+            sel_launch(*srt, total_q * hq, hkv, 0, hkv * n_blocks, 0, 0, 0, 0, hq, hq, 1, True)
+        return out, lse
+
     if shared:
-        ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(0, total_q, 0, hq, hkv, n_chunks)
+        srt = sort_entries(0, total_q, 0, hq, hkv, n_chunks, 0, k1)
     for hk0, nkh, t_lo, t_hi, r0, r1 in passes:
         hs = nkh * group  # q heads of this pass
         h0 = hk0 * group
@@ -473,17 +521,10 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         if shared:  # bucket ids and entry ids are those of the shared sort (all heads, rows)
             b_lo = (hk0 * n_chunks + chunk_start.index(r0)) * n_blocks
             b_hi = b_lo + (nkh if n_chunks == 1 else 1) * n_blocks
-            er0, base_hk, hs_ent = 0, 0, hq
+            sel_launch(*srt, n_ent, nkh, b_lo, b_hi, 0, r0, 0, h0, hs, hq, k1, False)
         else:
-            ent, bounds, tile_end, tile_blk, n_tiles = sort_entries(r0, r1, h0, hs, nkh, 1)
-            b_lo, b_hi, er0, base_hk, hs_ent = 0, nkh * n_blocks, r0, hk0, hs
-        grid = triton.cdiv(n_ent, sel_bm) + min(nkh * n_blocks, n_ent)  # >= the pass's tiles
-        _sel_block_kernel[(grid,)](
-            q, k, v, part_o, part_l, ent, tile_blk, bounds, tile_end, layout.blk_start,
-            n_blocks, n_chunks, b_lo, b_hi, n_tiles, er0, r0, base_hk, h0, hs, hs_ent, k1, bsz,
-            scale2, *common, GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee, FMA=FWD_FMA,
-            num_warps=sel_w, num_stages=stages,
-        )
+            srt = sort_entries(r0, r1, h0, hs, nkh, 1, 0, k1)
+            sel_launch(*srt, n_ent, nkh, 0, nkh * n_blocks, r0, r0, hk0, h0, hs, hs, k1, False)
         _diag_merge_kernel[(t_hi - t_lo, hs)](
             q, k, v, out, lse, part_o, part_l, sel, tile_rs, tile_re, row_ks, row_ke,
             t_lo, r0, h0, hs, k1, total_q, scale2, *common,
@@ -493,6 +534,16 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
             num_warps=diag_w, num_stages=stages,
         )
     return out, lse
+
+
+def _in_place(est: float, sel_bm: int, k1: int) -> bool:
+    """Whether the selected blocks merge into the output in place, one launch per slot (no
+    partial buffer), rather than through partials merged per pass. ``est``: entries per (kv
+    head, block) bucket; one launch per slot cuts every bucket into ``k1`` windows with a
+    ragged last tile each."""
+    if IN_PLACE is not None:
+        return IN_PLACE
+    return True
 
 
 # ----------------------------------------------------------------------------- cu_seqlens memo
