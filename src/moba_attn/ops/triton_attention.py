@@ -59,8 +59,13 @@ PART_MIN_BYTES = 256 << 20
 SHARED_SORT = True
 SHARED_SORT_MAX_ENTRIES = 1 << 24
 # Selected blocks merge into the output in place, one launch per slot (True), or through
-# partial buffers (False); None: ``_in_place`` decides.
+# partial buffers (False); None: ``_in_place`` decides: in place when a (slot, kv head, block)
+# window averages at least IN_PLACE_MIN_TILES entry tiles. H200 sweep, 2026-11-28
+# (benchmarks/RESULTS.md): in place was 5% faster to 5% slower at 32 entry tiles per window
+# (paper 128K and 1M, GQA 8K and 32K) and cut the peak 1.1-2.7x; at 2 tiles per window
+# (FlashMoBA, blocks of 128) the ragged last tiles and per-slot launches made it 8-61% slower.
 IN_PLACE: bool | None = None
+IN_PLACE_MIN_TILES = 8
 # Online softmax with the scale folded into one FMA per score and P @ V accumulated in the MMA
 # (True), or a separate scale multiply and accumulator add (False).
 FWD_FMA = True
@@ -543,7 +548,7 @@ def _in_place(est: float, sel_bm: int, k1: int) -> bool:
     ragged last tile each."""
     if IN_PLACE is not None:
         return IN_PLACE
-    return True
+    return est / k1 >= IN_PLACE_MIN_TILES * sel_bm
 
 
 # ----------------------------------------------------------------------------- cu_seqlens memo
