@@ -2,25 +2,30 @@
 
 Schedule (exact per-token routing; see ``naive.py`` for the rule):
   1. gate (``triton_gate``): fp32 centroids, fused scores + top-(k-1) -> ``sel [T, Hq, k-1]``;
-  2. the (row, q head, slot) entries of a pass get a bucket key ``(kv head, selected block)``
+  2. (row, q head, slot) entries get a bucket key ``(kv head, selected block)``
      (``_bucket_key_kernel``), are sorted by it (``torch.sort``, on device, no host sync) and
      cut into dense tiles of up to BM entries that all use ONE key block of one kv head:
      ``_sel_block_kernel`` gathers their query rows and runs a flash-attention loop over that
-     block, writing a normalised partial output and its LSE per entry (the key-block-major
-     "gather" schedule);
+     block (the key-block-major "gather" schedule);
   3. ``_diag_merge_kernel`` runs the causal own-block attention of every query tile (a plain
-     block-diagonal causal attention) and merges the k-1 partials of each row into it by LSE,
-     writing the final output and LSE.
-Partials are stored in the input dtype (fp16/bf16; fp32 for fp32 inputs), the merge is fp32.
+     block-diagonal causal attention).
+The selected blocks' results reach the output in one of two ways (``_in_place`` picks):
+  - in place: step 3 runs first and writes the output and LSE; then one sort and one
+    ``_sel_block_kernel`` launch per slot ``j`` (the j-th selected block of every row and
+    head), each merging its tiles' results into the output by LSE. A launch holds each
+    (row, head) once, so no two programs touch the same output row, and no partial buffer
+    exists. Used where the (slot, kv head, block) windows are many tiles long (large blocks,
+    GQA); small windows would leave a ragged tile each.
+  - partials: step 2 writes a normalised partial output and its LSE per entry, stored in the
+    input dtype (fp16/bf16; fp32 for fp32 inputs), and step 3 merges a row's k-1 partials in
+    fp32. A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``)
+    fit ``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB). Otherwise
+    passes take groups of kv heads over all rows, or (long T) one kv head over row chunks,
+    so the partials never reach ``[T, H, k, D]``. Up to ``SHARED_SORT_MAX_ENTRIES`` entries
+    the passes share one sort of every entry, bucketed by (kv head, row chunk, block)
+    (``SHARED_SORT``): each pass then launches only its two attention kernels on its window
+    of buckets. Longer calls sort each pass's entries apart.
 Both attention kernels share one online-softmax step (``_online_softmax_step``).
-A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``) fit
-``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB): one key kernel, one
-sort and one launch per stage for the whole call.
-Otherwise passes take groups of kv heads over all rows, or (long T) one kv head over row
-chunks, so the partials never reach ``[T, H, k, D]`` at long T. Up to
-``SHARED_SORT_MAX_ENTRIES`` entries the passes share one sort of every entry, bucketed by
-(kv head, row chunk, block) (``SHARED_SORT``): each pass then launches only its two attention
-kernels on its window of buckets. Longer calls sort each pass's entries apart.
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
 the op calls cuDNN attention instead, forward and backward (with ``deterministic=True`` the
 backward stays the Triton one). Host copies of ``cu_seqlens`` and the block layouts
@@ -53,9 +58,10 @@ PART_DTYPE: torch.dtype | None = None
 # PART_MAX_BYTES], so the forward's peak stays within 1.5x dense attention's (output + LSE)
 # plus index-sized buffers at long T (H200 sweep, 2026-11-28: benchmarks/RESULTS.md).
 PART_MIN_BYTES = 256 << 20
-# Passes share one sort of all entries (True) or sort their own entries (False); shared only
-# up to SHARED_SORT_MAX_ENTRIES (row, head, slot) entries, whose sort arrays (int64 order, two
-# key arrays) then hold at most ~0.2 GB. Longer calls have few, long passes.
+# Partial passes share one sort of all entries (True) or sort their own entries (False);
+# shared only up to SHARED_SORT_MAX_ENTRIES (row, head, slot) entries: the sort's arrays and
+# scratch hold ~27 bytes per entry (0.31 GB more peak at 11.5M entries, H200 sweep,
+# 2026-11-28), and longer calls have few, long passes whose own sorts cost little.
 SHARED_SORT = True
 SHARED_SORT_MAX_ENTRIES = 1 << 24
 # Selected blocks merge into the output in place, one launch per slot (True), or through
