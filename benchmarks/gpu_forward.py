@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import platform
+import re
 import time
 
 import torch
@@ -207,27 +208,38 @@ def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
             tg.GATE_TILE = None
 
 
-SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config)
-    ("default", None, None, None),
-    ("partial budget 2x output", None, "2x", None),
-    ("1/4 output, 64 MB floor", None, "quarter:64", None),
-    ("1/4 output, 16 MB floor", None, "quarter:16", None),
-    ("fp32 partials", torch.float32, None, None),
-    ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3)),
-    ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3)),
-    ("sel 128x64 w8, diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3)),
+PER_PASS = {"SHARED_SORT": False, "IN_PLACE": False}  # partials, each pass sorts its own
+PARTIALS = {"IN_PLACE": False}  # partials merged per pass, not in place
+SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config, module overrides)
+    ("default", None, None, None, {}),
+    ("default, mul-add softmax", None, None, None, {"FWD_FMA": False}),
+    ("partials, 256 MB floor", None, None, None, PARTIALS),
+    ("partials, 256 MB floor, sort per pass", None, None, None, PER_PASS),
+    ("partials, 64 MB floor", None, "quarter:64", None, PARTIALS),
+    ("partials, 64 MB floor, sort per pass", None, "quarter:64", None, PER_PASS),
+    ("partials, 32 MB floor", None, "quarter:32", None, PARTIALS),
+    ("partials, 16 MB floor", None, "quarter:16", None, PARTIALS),
+    ("partials, 16 MB floor, sort per pass", None, "quarter:16", None, PER_PASS),
+    ("partials, 1/4 output, no floor", None, "quarter:0", None, PARTIALS),
+    ("partials, 1/8 output, no floor", None, "eighth", None, PARTIALS),
+    ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3), {}),
+    ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3), {}),
+    ("sel 128x64 w8, diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3), {}),
     # wider key tiles and taller entry tiles for large blocks (the 1M stretch target)
-    ("sel 128x128 w8 s2, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 2)),
-    ("sel 128x128 w8 s3, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 3)),
-    ("sel 64x128 w4, diag 128x64 w8", None, None, (64, 128, 4, 128, 64, 8, 3)),
-    ("sel 256x64 w8 s2, diag 128x64 w8", None, None, (256, 64, 8, 128, 64, 8, 2)),
+    ("sel 128x128 w8 s2, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 2), {}),
+    ("sel 128x128 w8 s3, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 3), {}),
+    ("sel 64x128 w4, diag 128x64 w8", None, None, (64, 128, 4, 128, 64, 8, 3), {}),
+    ("sel 256x64 w8 s2, diag 128x64 w8", None, None, (256, 64, 8, 128, 64, 8, 2), {}),
 ]
 
 
-def fwd_sweep(log, jobs):
-    """Forward variants (partial dtype, pass budget, tile shapes): attention ms given the
-    selection, whole-op ms, peak GB, max |difference| from fp32 partials; then the kernel
-    time breakdown of the default at the first job."""
+def fwd_sweep(log, jobs, pick=".*"):
+    """Forward variants (schedule, pass budget, tile shapes): attention ms given the
+    selection, whole-op ms, peak GB, max |difference| from fp32 partials merged in fp32
+    (``ref``, the most exact the kernels compute); then the kernel
+    time breakdown of the default at the first job. ``pick``: a regular expression that
+    the labels of the variants to run match from their start."""
+    variants = [v for v in SWEEP_VARIANTS if re.match(pick, v[0])]
     out = []
     for name, t in jobs:
         cfg = SETTINGS[name]
@@ -235,17 +247,19 @@ def fwd_sweep(log, jobs):
         cu, q, k, v, scale = make_inputs(cfg, t)
         layout = BlockLayout.build(cu, cu, bsz)
         sel = tg.gate_triton(q, k, layout, topk)
-        ta.PART_DTYPE = torch.float32
+        ta.PART_DTYPE, ta.IN_PLACE = torch.float32, False  # fp32 partials, one fp32 merge
         ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
-        ta.PART_DTYPE = None
-        # partial budgets in bf16 elements: twice the output, or a quarter with a lower floor
-        budgets = {None: None,
-                   "2x": min(max(2 * q.numel() * 2, ta.PART_MIN_BYTES), ta.PART_MAX_BYTES) // 2}
-        for floor_mb in (64, 16):
+        ta.PART_DTYPE = ta.IN_PLACE = None
+        # partial budgets in bf16 elements: a quarter of the output with a lower floor, or
+        # an eighth with none
+        budgets = {None: None, "eighth": min(q.numel() * 2 // 8, ta.PART_MAX_BYTES) // 2}
+        for floor_mb in (64, 32, 16, 0):
             budgets[f"quarter:{floor_mb}"] = min(
                 max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
-        for label, pdt, budget, conf in SWEEP_VARIANTS:
+        for label, pdt, budget, conf, overrides in variants:
             ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
+            for attr, value in overrides.items():
+                setattr(ta, attr, value)
             ta.PART_CHUNK_ELEMS = budgets[budget]
             try:
                 o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]
@@ -265,6 +279,8 @@ def fwd_sweep(log, jobs):
                        "error": str(err).splitlines()[0][:150]}
             finally:
                 ta.PART_DTYPE = ta.FWD_CONFIG = ta.PART_CHUNK_ELEMS = None
+                ta.SHARED_SORT = ta.FWD_FMA = True
+                ta.IN_PLACE = None
             log("sweep " + json.dumps(rec))
             out.append(rec)
         if (name, t) == jobs[0]:
@@ -322,7 +338,10 @@ def main(argv=None):
                     help="time gate tile shapes at flashmoba 512K (checks equal selections)")
     ap.add_argument("--fwd-sweep", action="store_true",
                     help="forward variants (partial dtype, pass budget, tiles) + kernel breakdown")
-    ap.add_argument("--sweep-jobs", default="flashmoba:8192,gqa:8192,paper:131072,flashmoba:131072",
+    ap.add_argument("--sweep-variants", default=".*",
+                    help="regular expression: the --fwd-sweep variants whose labels it matches "
+                         "from their start, e.g. '(default|sel)'")
+    ap.add_argument("--sweep-jobs", default="flashmoba:8192,gqa:8192,gqa:32768,paper:131072,flashmoba:131072",
                     help="settings of --fwd-sweep, e.g. paper:1048576")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -341,7 +360,7 @@ def main(argv=None):
         gate_sweep(log)
     if args.fwd_sweep:
         sweep_jobs = [(j.split(":")[0], int(j.split(":")[1])) for j in args.sweep_jobs.split(",")]
-        sweep = fwd_sweep(log, tuple(sweep_jobs))
+        sweep = fwd_sweep(log, tuple(sweep_jobs), args.sweep_variants)
         with open(os.path.join(args.out, "gpu_forward_sweep.json"), "w") as fh:
             json.dump({"machine": machine(), "sweep": sweep}, fh, indent=1)
     jobs = QUICK if args.quick else JOBS

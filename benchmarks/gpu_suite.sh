@@ -4,8 +4,9 @@
 # after every step, so a killed call still returns what finished).
 #   COMMIT=<sha> bash benchmarks/gpu_suite.sh                       # every part, one GPU
 #   CUDA_VISIBLE_DEVICES=1 PARTS="decode train32" TAG=b DEADLINE=560 bash benchmarks/gpu_suite.sh
-# Parts: tests (pytest -m gpu), memcheck, fwd-sweep (forward variants + kernel breakdown),
-# fwd-tiles (the same variants at the paper setting, 256K and 1M),
+# Parts: tests (pytest -m gpu), memcheck, fwd-sweep (forward variants + kernel breakdown;
+# SWEEP_VARIANTS picks them, SWEEP_JOBS the settings), fwd-tiles (tile variants at the paper setting, 256K and 1M;
+# TILE_VARIANTS),
 # fwd (the forward settings), decode (sparse decode vs dense decode), train32 and
 # train128 (training-step tokens/s at 32K / 128K), bwd (fwd+bwd, FlashMoBA setting, 128K and 256K),
 # bwd512 (FlashMoBA setting at 512K, dense baselines in the same run), bwd-paper (paper setting at
@@ -41,9 +42,12 @@ for part in $PARTS; do
       tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_decode.py \
       -k "$MEMCHECK_TESTS" 2>&1 | tee "$OUT/memcheck.log" | tail -4 ;;
   fwd-sweep)
-    timeout $(limit 240) python benchmarks/gpu_forward.py --fwd-sweep --settings none --out "$OUT/fwd_sweep" 2>&1 | tail -60 ;;
+    timeout $(limit 240) python benchmarks/gpu_forward.py --fwd-sweep --settings none \
+      --sweep-variants "${SWEEP_VARIANTS:-(default$|partials)}" \
+      ${SWEEP_JOBS:+--sweep-jobs "$SWEEP_JOBS"} --out "$OUT/fwd_sweep" 2>&1 | tail -70 ;;
   fwd-tiles)  # the sweep's variants at the paper setting's large blocks (the 1M stretch target)
     timeout $(limit 240) python benchmarks/gpu_forward.py --fwd-sweep --settings none \
+      --sweep-variants "${TILE_VARIANTS:-(default$|default, mul|sel)}" \
       --sweep-jobs paper:262144,paper:1048576 --out "$OUT/fwd_tiles" 2>&1 | grep -E "^sweep|Error" ;;
   fwd)
     timeout $(limit 260) python benchmarks/gpu_forward.py --out "$OUT/fwd" \

@@ -177,14 +177,31 @@ def _aid(c):
     return _gid(c[:7]) + f"-{str(c[7]).split('.')[-1]}"
 
 
+SCHEDULES = pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "partials"])
+
+
+@SCHEDULES
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_aid)
-def test_attention_given_selection(case):
+def test_attention_given_selection(monkeypatch, case, in_place):
+    # both schedules: selected blocks merged into the output in place, one launch per slot,
+    # or through partial buffers merged per pass
+    monkeypatch.setattr(ta, "IN_PLACE", in_place)
     lq, lk, hq, hkv, d, bsz, topk, dtype = case
     q, k, v = make_qkv(sum(lq), sum(lk), hq, hkv, d, dtype)
     check_attention(q, k, v, cu(lq), cu(lk), bsz, topk, floor=1e-5 if dtype == torch.float32 else 1e-4)
 
 
+@pytest.mark.parametrize("fma", [True, False], ids=["fma", "mul-add"])
+def test_online_softmax_variants_match_reference(monkeypatch, fma):
+    # the scale folded into one FMA per score with P @ V accumulated in the MMA, or not
+    monkeypatch.setattr(ta, "FWD_FMA", fma)
+    lens = [40, 300]
+    q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float32)
+    check_attention(q, k, v, cu(lens), cu(lens), 16, 4, floor=1e-5)
+
+
 def test_chunked_partials_match_one_chunk(monkeypatch):
+    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
     lens, bsz, topk = [40, 300], 16, 4
     q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float32)
     layout = BlockLayout.build(cu(lens), cu(lens), bsz)
@@ -195,8 +212,13 @@ def test_chunked_partials_match_one_chunk(monkeypatch):
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
 
 
-def test_pass_splits_match_one_pass(monkeypatch):
-    # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks
+@pytest.mark.parametrize("shared_sort", [True, False], ids=["shared-sort", "sort-per-pass"])
+def test_pass_splits_match_one_pass(monkeypatch, shared_sort):
+    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
+    # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks; the
+    # passes either share one sort of all entries (bucketed by kv head, row chunk and block)
+    # or sort their own
+    monkeypatch.setattr(ta, "SHARED_SORT", shared_sort)
     lens, bsz, topk, hq, hkv, d = [40, 300], 16, 4, 6, 3, 32
     q, k, v = make_qkv(340, 340, hq, hkv, d, torch.float32)
     layout = BlockLayout.build(cu(lens), cu(lens), bsz)
@@ -217,6 +239,7 @@ def test_pass_splits_match_one_pass(monkeypatch):
 
 
 def test_partial_dtype_and_key_width_do_not_change_routing(monkeypatch):
+    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
     # fp16 inputs: fp16 partials (default) vs fp32 partials, int16 vs int32 sort keys
     lens, bsz, topk = [40, 300], 16, 4
     q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float16)
@@ -370,7 +393,9 @@ def test_gpu_block_size_classes(bsz, dtype):
 @gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpu_varlen_gqa(d, dtype):
+@SCHEDULES
+def test_gpu_varlen_gqa(monkeypatch, d, dtype, in_place):
+    monkeypatch.setattr(ta, "IN_PLACE", in_place)
     lq = [1, 100, 0, 3000, 37, 9000, 2]
     lk = [1, 100, 0, 3000, 500, 9000, 4000]  # some Tq < Tk (chunked prefill, decode)
     q, k, v = make_qkv(sum(lq), sum(lk), 8, 2, d, dtype)
@@ -382,25 +407,35 @@ def test_gpu_long_multichunk_setting():
     # 64K tokens, block 128, k 8: many partial chunks and thousands of tiles
     t = 65536
     q, k, v = make_qkv(t, t, 4, 4, 128, torch.bfloat16)
-    old = ta.PART_CHUNK_ELEMS
+    old = ta.PART_CHUNK_ELEMS, ta.IN_PLACE
     ta.PART_CHUNK_ELEMS = 1 << 22
     try:
-        check_attention(q, k, v, cu([t]), cu([t]), 128, 8, rows=_sample_rows(t, 256), floor=1e-4)
+        for in_place in (True, False):
+            ta.IN_PLACE = in_place
+            check_attention(q, k, v, cu([t]), cu([t]), 128, 8, rows=_sample_rows(t, 256),
+                            floor=1e-4)
     finally:
-        ta.PART_CHUNK_ELEMS = old
+        ta.PART_CHUNK_ELEMS, ta.IN_PLACE = old
 
 
 @gpu
 def test_gpu_kv_head_group_passes():
-    # partials of one kv head fit the budget, all kv heads do not: passes over kv-head groups
+    # partials of one kv head fit the budget, all kv heads do not: passes over kv-head groups;
+    # then a budget under one kv head's: one kv head at a time over row chunks
     t, hq, hkv, d, topk = 6000, 8, 4, 128, 5
     q, k, v = make_qkv(t, t, hq, hkv, d, torch.bfloat16)
-    old = ta.PART_CHUNK_ELEMS
-    ta.PART_CHUNK_ELEMS = 2 * t * (hq // hkv) * (topk - 1) * d
+    old = ta.PART_CHUNK_ELEMS, ta.SHARED_SORT, ta.IN_PLACE
+    ta.IN_PLACE = False  # the partials schedule
+    per_head = t * (hq // hkv) * (topk - 1) * d
     try:
-        check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t), floor=1e-4)
+        for budget in (2 * per_head, per_head // 3):
+            ta.PART_CHUNK_ELEMS = budget
+            for shared in (True, False):  # one sort of all entries, or one per pass
+                ta.SHARED_SORT = shared
+                check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t),
+                                floor=1e-4)
     finally:
-        ta.PART_CHUNK_ELEMS = old
+        ta.PART_CHUNK_ELEMS, ta.SHARED_SORT, ta.IN_PLACE = old
 
 
 @gpu

@@ -2,21 +2,30 @@
 
 Schedule (exact per-token routing; see ``naive.py`` for the rule):
   1. gate (``triton_gate``): fp32 centroids, fused scores + top-(k-1) -> ``sel [T, Hq, k-1]``;
-  2. the (row, q head, slot) entries of a pass get a bucket key ``(kv head, selected block)``
+  2. (row, q head, slot) entries get a bucket key ``(kv head, selected block)``
      (``_bucket_key_kernel``), are sorted by it (``torch.sort``, on device, no host sync) and
      cut into dense tiles of up to BM entries that all use ONE key block of one kv head:
      ``_sel_block_kernel`` gathers their query rows and runs a flash-attention loop over that
-     block, writing a normalised partial output and its LSE per entry (the key-block-major
-     "gather" schedule);
+     block (the key-block-major "gather" schedule);
   3. ``_diag_merge_kernel`` runs the causal own-block attention of every query tile (a plain
-     block-diagonal causal attention) and merges the k-1 partials of each row into it by LSE,
-     writing the final output and LSE.
-Partials are stored in the input dtype (fp16/bf16; fp32 for fp32 inputs), the merge is fp32.
-A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``) fit
-``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB): one key kernel, one
-sort and one launch per stage for the whole call.
-Otherwise passes take groups of kv heads over all rows, or (long T) one kv head over row
-chunks, so the partials never reach ``[T, H, k, D]`` at long T.
+     block-diagonal causal attention).
+The selected blocks' results reach the output in one of two ways (``_in_place`` picks):
+  - in place: step 3 runs first and writes the output and LSE; then one sort and one
+    ``_sel_block_kernel`` launch per slot ``j`` (the j-th selected block of every row and
+    head), each merging its tiles' results into the output by LSE. A launch holds each
+    (row, head) once, so no two programs touch the same output row, and no partial buffer
+    exists. Used where the (slot, kv head, block) windows are many tiles long (large blocks,
+    GQA); small windows would leave a ragged tile each.
+  - partials: step 2 writes a normalised partial output and its LSE per entry, stored in the
+    input dtype (fp16/bf16; fp32 for fp32 inputs), and step 3 merges a row's k-1 partials in
+    fp32. A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``)
+    fit ``_part_budget_elems`` (a quarter of the output's bytes, 256 MB to 4 GB). Otherwise
+    passes take groups of kv heads over all rows, or (long T) one kv head over row chunks,
+    so the partials never reach ``[T, H, k, D]``. Up to ``SHARED_SORT_MAX_ENTRIES`` entries
+    the passes share one sort of every entry, bucketed by (kv head, row chunk, block)
+    (``SHARED_SORT``): each pass then launches only its two attention kernels on its window
+    of buckets. Longer calls sort each pass's entries apart.
+Both attention kernels share one online-softmax step (``_online_softmax_step``).
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
 the op calls cuDNN attention instead, forward and backward (with ``deterministic=True`` the
 backward stays the Triton one). Host copies of ``cu_seqlens`` and the block layouts
@@ -49,6 +58,23 @@ PART_DTYPE: torch.dtype | None = None
 # PART_MAX_BYTES], so the forward's peak stays within 1.5x dense attention's (output + LSE)
 # plus index-sized buffers at long T (H200 sweep, 2026-11-28: benchmarks/RESULTS.md).
 PART_MIN_BYTES = 256 << 20
+# Partial passes share one sort of all entries (True) or sort their own entries (False);
+# shared only up to SHARED_SORT_MAX_ENTRIES (row, head, slot) entries: the sort's arrays and
+# scratch hold ~27 bytes per entry (0.31 GB more peak at 11.5M entries, H200 sweep,
+# 2026-11-28), and longer calls have few, long passes whose own sorts cost little.
+SHARED_SORT = True
+SHARED_SORT_MAX_ENTRIES = 1 << 24
+# Selected blocks merge into the output in place, one launch per slot (True), or through
+# partial buffers (False); None: ``_in_place`` decides: in place when a (slot, kv head, block)
+# window averages at least IN_PLACE_MIN_TILES entry tiles. H200 sweep, 2026-11-28
+# (benchmarks/RESULTS.md): in place was 5% faster to 5% slower at 32 entry tiles per window
+# (paper 128K and 1M, GQA 8K and 32K) and cut the peak 1.1-2.7x; at 2 tiles per window
+# (FlashMoBA, blocks of 128) the ragged last tiles and per-slot launches made it 8-61% slower.
+IN_PLACE: bool | None = None
+IN_PLACE_MIN_TILES = 8
+# Online softmax with the scale folded into one FMA per score and P @ V accumulated in the MMA
+# (True), or a separate scale multiply and accumulator add (False).
+FWD_FMA = True
 PART_MAX_BYTES = 4 << 30
 INT16_KEYS_MAX = (1 << 15) - 1  # passes with fewer buckets sort int16 keys
 FWD_CONFIG: tuple | None = None  # override of ``_configs`` (benchmarks sweep tile shapes)
@@ -63,33 +89,75 @@ def _interpreting() -> bool:
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _bucket_key_kernel(SEL, KEY, n_ent, r0, h0, HS, K1, n_blocks, n_buckets,
-                       stride_st, stride_sh, GROUP: tl.constexpr, BLOCK: tl.constexpr):
-    """Sort key of every (row, q head, slot) entry of a pass: ``kv head (local) * n_blocks +
-    block`` (int16 or int32), ``n_buckets`` for an unused slot.
-    Entry ``e = ((row-r0)*HS + g)*K1 + j``."""
+def _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE: tl.constexpr, FMA: tl.constexpr):
+    """One key tile of the online softmax: raw scores ``qk [BM, BN]`` (``-inf`` where masked),
+    values ``vt [BN, D]``; returns the new running max (log2 domain), sum and accumulator.
+    ``FMA``: the scale folds into the exponent's argument (one fused multiply-add per score)
+    and the P @ V product accumulates into ``acc`` inside the MMA."""
+    if FMA:
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale2)  # scale2 > 0: max commutes
+        p = tl.math.exp2(qk * scale2 - m_new[:, None])
+    else:
+        s = qk * scale2
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if FMA:
+        if IEEE:
+            acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(vt.dtype), vt, acc)
+    else:
+        if IEEE:
+            acc = acc + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+        else:
+            acc = acc + tl.dot(p.to(vt.dtype), vt)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _bucket_key_kernel(SEL, KEY, CHUNK_START, n_ent, r0, h0, HS, J0, NJ, n_blocks, n_chunks,
+                       n_buckets, stride_st, stride_sh, GROUP: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """Sort key of every (row, q head, slot) entry of slots ``[J0, J0 + NJ)``: ``((kv head
+    (local) * n_chunks + row chunk) * n_blocks + block`` (int16 or int32), ``n_buckets`` for
+    an unused slot; row chunk ``c`` starts at row ``CHUNK_START[c]`` (``n_chunks`` = 1: no
+    chunks). Entry ``e = ((row-r0)*HS + g)*NJ + j - J0``."""
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = e < n_ent
-    row = r0 + e // (HS * K1)
-    g = (e // K1) % HS
-    j = e % K1
+    row = r0 + e // (HS * NJ)
+    g = (e // NJ) % HS
+    j = J0 + e % NJ
     s = tl.load(SEL + row * stride_st + (h0 + g) * stride_sh + j, mask=m, other=-1)
-    key = tl.where(s >= 0, s + (g // GROUP) * n_blocks, n_buckets)
+    chunk = tl.zeros_like(row)
+    for c in range(1, n_chunks):
+        chunk += (row >= tl.load(CHUNK_START + c)).to(tl.int64)
+    key = tl.where(s >= 0, s + ((g // GROUP) * n_chunks + chunk) * n_blocks, n_buckets)
     tl.store(KEY + e, key.to(KEY.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_START,
-                      n_blocks, n_buckets, r0, hk0, HS, K1, block_size, scale2,
-                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+def _sel_block_kernel(Q, K, V, PO, PL, O, LSE, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_START,
+                      n_blocks, n_chunks, b_lo, b_hi, n_tiles, er0, r0, hk0, h0, HS, HS_ENT, K1,
+                      NJ, block_size, total_q,
+                      scale2, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                      stride_ot, stride_oh,
                       GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      IEEE: tl.constexpr):
-    """One tile: up to BM (row, q head, slot) entries that selected the same (kv head, key
-    block) bucket ``b = (kv head - hk0) * n_blocks + block``."""
-    t = tl.program_id(0).to(tl.int64)
-    b = tl.load(TILE_BLK + t)  # int64 bucket of this tile; n_buckets for an idle program
-    if b < n_buckets:
-        hk = hk0 + b // n_blocks
+                      IEEE: tl.constexpr, FMA: tl.constexpr, MERGE: tl.constexpr):
+    """One tile: up to BM (row, q head, slot) entries that selected the same (kv head, row
+    chunk, key block) bucket ``b = ((kv head - hk0) * n_chunks + chunk) * n_blocks + block``,
+    for the buckets ``[b_lo, b_hi)`` of this pass. Entry ids count rows from ``er0``,
+    ``HS_ENT`` heads from kv head ``hk0`` and ``NJ`` slots per (row, head). The partials of
+    the pass are stored by ``((row - r0) * HS + head - h0) * K1 + slot``; with ``MERGE`` (one
+    slot per launch, so no two programs hold the same (row, head)) the tile's result is
+    merged by LSE into the output ``O`` and ``LSE`` in place instead."""
+    t = tl.load(TILE_END + b_lo - 1, mask=b_lo > 0, other=0) + tl.program_id(0).to(tl.int64)
+    # int64 bucket of this tile; past the pass's buckets for an idle program
+    b = tl.load(TILE_BLK + t, mask=t < n_tiles, other=b_hi)
+    if b < b_hi:
+        hk = hk0 + b // (n_chunks * n_blocks)
         blk = b % n_blocks
         e_lo = tl.load(BOUNDS + b)
         e_hi = tl.load(BOUNDS + b + 1)
@@ -98,8 +166,8 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
         m = tl.arange(0, BM)
         emask = e0 + m < e_hi
         ent = tl.load(ENT + e0 + m, mask=emask, other=0)  # [BM] int64 entry ids
-        row = r0 + ent // (HS * K1)
-        h = hk0 * GROUP + (ent // K1) % HS
+        row = er0 + ent // (HS_ENT * NJ)
+        h = hk0 * GROUP + (ent // NJ) % HS_ENT
         d = tl.arange(0, D)
         q = tl.load(Q + row[:, None] * stride_qt + h[:, None] * stride_qh + d[None, :],
                     mask=emask[:, None], other=0.0)  # [BM, D]
@@ -112,24 +180,30 @@ def _sel_block_kernel(Q, K, V, PO, PL, ENT, TILE_BLK, BOUNDS, TILE_END, BLK_STAR
             kidx = kstart + n0 + n  # [BN] int64
             kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :])  # [BN, D]
             if IEEE:
-                s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale2
+                qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
             else:
-                s = tl.dot(q, tl.trans(kt)) * scale2  # [BM, BN], log2 domain
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+                qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
             vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])  # [BN, D]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m_i = m_new
-        o = acc / l_i[:, None]
-        lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
-        tl.store(PO + ent[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
-                 mask=emask[:, None])
-        tl.store(PL + ent, lse, mask=emask)
+            m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+        if MERGE:  # (out, lse) <- LSE merge of (out, lse) and this block's result, fp32
+            optr = O + row[:, None] * stride_ot + h[:, None] * stride_oh + d[None, :]
+            o_old = tl.load(optr, mask=emask[:, None], other=0.0).to(tl.float32)
+            l_old = tl.load(LSE + h * total_q + row, mask=emask, other=0.0) * 1.4426950408889634
+            l_blk = m_i + tl.math.log2(l_i)
+            mx = tl.maximum(l_old, l_blk)
+            w_old = tl.math.exp2(l_old - mx)
+            w_blk = tl.math.exp2(l_blk - mx)
+            o = (o_old * w_old[:, None] + acc * (w_blk / l_i)[:, None]) / (w_old + w_blk)[:, None]
+            tl.store(optr, o.to(O.dtype.element_ty), mask=emask[:, None])
+            tl.store(LSE + h * total_q + row, (mx + tl.math.log2(w_old + w_blk)) / 1.4426950408889634,
+                     mask=emask)
+        else:
+            part = ((row - r0) * HS + h - h0) * K1 + ent % NJ  # [BM] partial slot of the pass
+            o = acc / l_i[:, None]
+            lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634  # natural log
+            tl.store(PO + part[:, None] * D + d[None, :], o.to(PO.dtype.element_ty),
+                     mask=emask[:, None])
+            tl.store(PL + part, lse, mask=emask)
 
 
 @triton.jit
@@ -138,7 +212,7 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                        stride_ot, stride_oh, stride_st, stride_sh,
                        GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       K1P: tl.constexpr, IEEE: tl.constexpr):
+                       K1P: tl.constexpr, IEEE: tl.constexpr, FMA: tl.constexpr):
     """Causal own-block attention of a query tile for one q head, then the LSE merge of the
     row's k-1 selected-block partials (``K1P``: k-1 rounded up to a power of two); writes the
     final output and LSE."""
@@ -167,22 +241,14 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
         kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :],
                      mask=kmask[:, None], other=0.0)  # [BN, D]
         if IEEE:
-            s = tl.dot(q, tl.trans(kt), input_precision="ieee") * scale2
+            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(kt)) * scale2  # [BM, BN]
+            qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
         ok = (kidx[None, :] >= ks[:, None]) & (kidx[None, :] < ke[:, None])
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: m_i starts at -1e30
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        qk = tl.where(ok, qk, float("-inf"))  # the running max stays finite: m_i starts at -1e30
         vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :],
                      mask=kmask[:, None], other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
     # Merge the selected-block partials (each a normalised output o_j with LSE_j). All slots'
     # selections and LSEs are loaded at once, so the weights are known before any partial is
     # read and the partial loads do not wait on each other.
@@ -280,7 +346,9 @@ def _configs(d: int, block_size: int, dense_entries: float):
     # benchmarks/RESULTS.md); larger blocks keep 128-row tiles, their loops are long
     small = block_size <= 512
     sel_bm = 128 if (dense_entries >= 128 and d <= 128 and not small) else 64
-    sel_bn = min(bn, bn_cap)
+    # 128-key tiles in the selected-block loop at blocks of 4096 (the same sweep: 3.7% faster
+    # at the paper's 1M, 5.5% at 256K)
+    sel_bn = min(128 if (d <= 128 and not small) else bn, bn_cap)
     diag_bm = 128 if (block_size >= 128 and d <= 128 and not small) else 64
     return (sel_bm, sel_bn, 8 if sel_bm == 128 else 4, diag_bm, min(bn, 64),
             8 if diag_bm == 128 else 4, 2 if d > 128 else 3)
@@ -333,6 +401,16 @@ def _passes(ts_np, te_np, hq: int, hkv: int, k1: int, d: int, budget: int):
             for hk in range(hkv) for a, b in zip(t_lo, t_hi)]
 
 
+def _chunk_starts(layout: BlockLayout, starts: list, device) -> torch.Tensor:
+    """First row of every row chunk, int64 on ``device``, memoised."""
+    c = _layout_cache(layout)
+    key = ("chunks", tuple(starts), str(device))
+    t = c.get(key)
+    if t is None:
+        t = c[key] = torch.tensor(starts, dtype=torch.int64, device=device)
+    return t
+
+
 def _arange_cached(layout: BlockLayout, n: int, dtype, device) -> torch.Tensor:
     c = _layout_cache(layout)
     key = ("arange", str(dtype), str(device))
@@ -365,39 +443,58 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     ts_np, te_np, tile_rs, tile_re, row_ks, row_ke = _tiles_for(layout, q.device, diag_bm)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
 
-    if k1 == 0:  # block-local attention: no selected blocks, one launch for all heads
+    # own-block causal attention of every row and head, one launch; with k1 == 0 that is
+    # the whole answer, with the in-place schedule the selected blocks merge into it
+    in_place = k1 > 0 and _in_place(est, sel_bm, k1)
+    if k1 == 0 or in_place:
         _diag_merge_kernel[(ts_np.shape[0], hq)](
             q, k, v, out, lse, lse, lse, sel, tile_rs, tile_re, row_ks, row_ke,
             0, 0, 0, hq, 0, total_q, scale2, *common, out.stride(0), out.stride(1), 0, 0,
-            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=1, IEEE=ieee,
+            GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=1, IEEE=ieee, FMA=FWD_FMA,
             num_warps=diag_w, num_stages=stages,
         )
-        return out, lse
+        if k1 == 0:
+            return out, lse
 
     if sel.stride(2) != 1:
         sel = sel.contiguous()
-    part_dtype = _part_dtype(q)
-    passes = _passes(ts_np, te_np, hq, hkv, k1, d, _part_budget_elems(q, part_dtype))
-    n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in passes)
-    part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
-    part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
+    if in_place:  # one pass per slot, no partial buffer
+        passes = [(0, hkv, 0, ts_np.shape[0], 0, total_q)]
+        part_o = part_l = lse
+        n_ent_cap = total_q * hq
+    else:
+        part_dtype = _part_dtype(q)
+        passes = _passes(ts_np, te_np, hq, hkv, k1, d, _part_budget_elems(q, part_dtype))
+        n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in passes)
+        part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
+        part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
+        if POISON:
+            part_o.fill_(float("nan"))
+            part_l.fill_(float("nan"))
+    # The passes share one sort of every entry (bucketed by kv head, row chunk and block)
+    # when SHARED_SORT is set and the entries are few enough that their sort arrays stay
+    # small next to the partials: each pass then launches only its two attention kernels.
+    n_all = total_q * hq * k1
+    shared = (not in_place and SHARED_SORT and len(passes) > 1
+              and n_all <= SHARED_SORT_MAX_ENTRIES)
+    chunk_start = sorted({r0 for _, _, _, _, r0, _ in passes})  # [0] for head-group passes
+    n_chunks = len(chunk_start) if shared else 1
+    chunk_t = _chunk_starts(layout, chunk_start, q.device) if shared else tile_rs
     # bucket keys are < 2**15 in most calls: int16 halves the radix sort's passes
-    max_buckets = max(nkh for _, nkh, _, _, _, _ in passes) * n_blocks
+    max_buckets = (hkv * n_chunks if shared else max(p[1] for p in passes)) * n_blocks
     key_dtype = torch.int16 if max_buckets < INT16_KEYS_MAX else torch.int32
-    keys = torch.empty(n_ent_cap, dtype=key_dtype, device=q.device)
-    if POISON:
-        part_o.fill_(float("nan"))
-        part_l.fill_(float("nan"))
+    keys = torch.empty(n_all if shared else n_ent_cap, dtype=key_dtype, device=q.device)
     key_block = 1024
-    for hk0, nkh, t_lo, t_hi, r0, r1 in passes:
-        hs = nkh * group  # q heads of this pass
-        h0 = hk0 * group
-        n_ent = (r1 - r0) * hs * k1
-        n_buckets = nkh * n_blocks
+
+    def sort_entries(r0, r1, h0, hs, nkh, nch, j0, nj):
+        """Bucket keys, sort and tile arrays of the (row, head, slot) entries of rows
+        ``[r0, r1)``, q heads ``[h0, h0 + hs)`` and slots ``[j0, j0 + nj)``, on device."""
+        n_ent = (r1 - r0) * hs * nj
+        n_buckets = nkh * nch * n_blocks
         kv = keys[:n_ent]
         _bucket_key_kernel[(triton.cdiv(n_ent, key_block),)](
-            sel, kv, n_ent, r0, h0, hs, k1, n_blocks, n_buckets, sel.stride(0), sel.stride(1),
-            GROUP=group, BLOCK=key_block, num_warps=4,
+            sel, kv, chunk_t, n_ent, r0, h0, hs, j0, nj, n_blocks, nch, n_buckets,
+            sel.stride(0), sel.stride(1), GROUP=group, BLOCK=key_block, num_warps=4,
         )
         sorted_b, ent = torch.sort(kv, stable=True)
         bounds = torch.searchsorted(
@@ -407,20 +504,57 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         n_ub = triton.cdiv(n_ent, sel_bm) + min(n_buckets, n_ent)  # >= tiles needed
         tile_blk = torch.searchsorted(
             tile_end, _arange_cached(layout, n_ub, tile_end.dtype, q.device), right=True)
-        _sel_block_kernel[(n_ub,)](
-            q, k, v, part_o, part_l, ent, tile_blk, bounds, tile_end, layout.blk_start,
-            n_blocks, n_buckets, r0, hk0, hs, k1, bsz, scale2, *common,
-            GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee,
+        return ent, bounds, tile_end, tile_blk, n_ub
+
+    def sel_launch(ent, bounds, tile_end, tile_blk, n_tiles, n_ent, nkh, b_lo, b_hi, er0, r0,
+                   base_hk, h0, hs, hs_ent, nj, merge):
+        grid = triton.cdiv(n_ent, sel_bm) + min(nkh * n_blocks, n_ent)  # >= the pass's tiles
+        _sel_block_kernel[(grid,)](
+            q, k, v, part_o, part_l, out, lse, ent, tile_blk, bounds, tile_end,
+            layout.blk_start, n_blocks, n_chunks, b_lo, b_hi, n_tiles, er0, r0, base_hk, h0,
+            hs, hs_ent, k1, nj, bsz, total_q, scale2, *common, out.stride(0), out.stride(1),
+            GROUP=group, D=d, BM=sel_bm, BN=sel_bn, IEEE=ieee, FMA=FWD_FMA, MERGE=merge,
             num_warps=sel_w, num_stages=stages,
         )
+
+    if in_place:  # slot j of every (row, head): each (row, head) once per launch
+        for j in range(k1):
+            srt = sort_entries(0, total_q, 0, hq, hkv, 1, j, 1)
+            sel_launch(*srt, total_q * hq, hkv, 0, hkv * n_blocks, 0, 0, 0, 0, hq, hq, 1, True)
+        return out, lse
+
+    if shared:
+        srt = sort_entries(0, total_q, 0, hq, hkv, n_chunks, 0, k1)
+    for hk0, nkh, t_lo, t_hi, r0, r1 in passes:
+        hs = nkh * group  # q heads of this pass
+        h0 = hk0 * group
+        n_ent = (r1 - r0) * hs * k1
+        if shared:  # bucket ids and entry ids are those of the shared sort (all heads, rows)
+            b_lo = (hk0 * n_chunks + chunk_start.index(r0)) * n_blocks
+            b_hi = b_lo + (nkh if n_chunks == 1 else 1) * n_blocks
+            sel_launch(*srt, n_ent, nkh, b_lo, b_hi, 0, r0, 0, h0, hs, hq, k1, False)
+        else:
+            srt = sort_entries(r0, r1, h0, hs, nkh, 1, 0, k1)
+            sel_launch(*srt, n_ent, nkh, 0, nkh * n_blocks, r0, r0, hk0, h0, hs, hs, k1, False)
         _diag_merge_kernel[(t_hi - t_lo, hs)](
             q, k, v, out, lse, part_o, part_l, sel, tile_rs, tile_re, row_ks, row_ke,
             t_lo, r0, h0, hs, k1, total_q, scale2, *common,
             out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
             GROUP=group, D=d, BM=diag_bm, BN=diag_bn, K1P=triton.next_power_of_2(k1), IEEE=ieee,
+            FMA=FWD_FMA,
             num_warps=diag_w, num_stages=stages,
         )
     return out, lse
+
+
+def _in_place(est: float, sel_bm: int, k1: int) -> bool:
+    """Whether the selected blocks merge into the output in place, one launch per slot (no
+    partial buffer), rather than through partials merged per pass. ``est``: entries per (kv
+    head, block) bucket; one launch per slot cuts every bucket into ``k1`` windows with a
+    ragged last tile each."""
+    if IN_PLACE is not None:
+        return IN_PLACE
+    return est / k1 >= IN_PLACE_MIN_TILES * sel_bm
 
 
 # ----------------------------------------------------------------------------- cu_seqlens memo
