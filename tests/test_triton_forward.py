@@ -200,16 +200,11 @@ def test_online_softmax_variants_match_reference(monkeypatch, fma):
     check_attention(q, k, v, cu(lens), cu(lens), 16, 4, floor=1e-5)
 
 
-def test_chunked_partials_match_one_chunk(monkeypatch):
-    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
-    lens, bsz, topk = [40, 300], 16, 4
-    q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float32)
+def routed(lens, bsz, topk, hq, hkv, d, dtype):
+    """Inputs of one packed call and the torch gate's selection: ``(q, k, v, layout, sel)``."""
+    q, k, v = make_qkv(sum(lens), sum(lens), hq, hkv, d, dtype)
     layout = BlockLayout.build(cu(lens), cu(lens), bsz)
-    sel = _gate_all(q, k, layout, topk)
-    one = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
-    monkeypatch.setattr(ta, "PART_CHUNK_ELEMS", 64 * 2 * 3 * 32)  # ~64 rows per chunk
-    many = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
-    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    return q, k, v, layout, _gate_all(q, k, layout, topk)
 
 
 @pytest.mark.parametrize("shared_sort", [True, False], ids=["shared-sort", "sort-per-pass"])
@@ -220,9 +215,7 @@ def test_pass_splits_match_one_pass(monkeypatch, shared_sort):
     # or sort their own
     monkeypatch.setattr(ta, "SHARED_SORT", shared_sort)
     lens, bsz, topk, hq, hkv, d = [40, 300], 16, 4, 6, 3, 32
-    q, k, v = make_qkv(340, 340, hq, hkv, d, torch.float32)
-    layout = BlockLayout.build(cu(lens), cu(lens), bsz)
-    sel = _gate_all(q, k, layout, topk)
+    q, k, v, layout, sel = routed(lens, bsz, topk, hq, hkv, d, torch.float32)
     one = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
     per_head = 340 * (hq // hkv) * (topk - 1) * d
     ts, te = ta._diag_tiles(layout, 32, split_blocks=False)
@@ -241,10 +234,8 @@ def test_pass_splits_match_one_pass(monkeypatch, shared_sort):
 def test_partial_dtype_and_key_width_do_not_change_routing(monkeypatch):
     monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
     # fp16 inputs: fp16 partials (default) vs fp32 partials, int16 vs int32 sort keys
-    lens, bsz, topk = [40, 300], 16, 4
-    q, k, v = make_qkv(340, 340, 4, 2, 32, torch.float16)
-    layout = BlockLayout.build(cu(lens), cu(lens), bsz)
-    sel = _gate_all(q, k, layout, topk)
+    topk = 4
+    q, k, v, layout, sel = routed([40, 300], 16, topk, 4, 2, 32, torch.float16)
     assert ta._part_dtype(q) == torch.float16
     base = ta._moba_forward(q, k, v, layout, sel, topk, 0.2)
     monkeypatch.setattr(ta, "INT16_KEYS_MAX", 0)  # int32 keys: same sort, same tiles
