@@ -16,6 +16,7 @@ T >= 256K: one warm-up and 3 CUDA-event timings; shorter: ``triton.testing.do_be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -208,37 +209,57 @@ def gate_sweep(log, t=512 * K, batch=2, h=16, d=128, bsz=128, topk=8):
             tg.GATE_TILE = None
 
 
-PER_PASS = {"SHARED_SORT": False, "IN_PLACE": False}  # partials, each pass sorts its own
+@contextlib.contextmanager
+def patched(module, values: dict):
+    """Set module attributes for the duration of a ``with`` block, then put the old back."""
+    saved = {attr: getattr(module, attr) for attr in values}
+    for attr, value in values.items():
+        setattr(module, attr, value)
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            setattr(module, attr, value)
+
+
+def eighth_of_output(q) -> int:
+    """Partial budget (bf16 elements) of an eighth of the output's bytes, no floor."""
+    return min(q.numel() * q.element_size() // 8, ta.PART_MAX_BYTES) // 2
+
+
 PARTIALS = {"IN_PLACE": False}  # partials merged per pass, not in place
-SWEEP_VARIANTS = [  # (label, partial dtype, partial budget, tile config, module overrides)
-    ("default", None, None, None, {}),
-    ("default, mul-add softmax", None, None, None, {"FWD_FMA": False}),
-    ("partials, 256 MB floor", None, None, None, PARTIALS),
-    ("partials, 256 MB floor, sort per pass", None, None, None, PER_PASS),
-    ("partials, 64 MB floor", None, "quarter:64", None, PARTIALS),
-    ("partials, 64 MB floor, sort per pass", None, "quarter:64", None, PER_PASS),
-    ("partials, 32 MB floor", None, "quarter:32", None, PARTIALS),
-    ("partials, 16 MB floor", None, "quarter:16", None, PARTIALS),
-    ("partials, 16 MB floor, sort per pass", None, "quarter:16", None, PER_PASS),
-    ("partials, 1/4 output, no floor", None, "quarter:0", None, PARTIALS),
-    ("partials, 1/8 output, no floor", None, "eighth", None, PARTIALS),
-    ("sel 128x64 w8, diag 128x64 w8", None, None, (128, 64, 8, 128, 64, 8, 3), {}),
-    ("sel 64x64 w4, diag 128x64 w8", None, None, (64, 64, 4, 128, 64, 8, 3), {}),
-    ("sel 128x64 w8, diag 64x64 w4", None, None, (128, 64, 8, 64, 64, 4, 3), {}),
+PER_PASS = {**PARTIALS, "SHARED_SORT": False}  # partials, each pass sorts its own
+MB = 1 << 20
+SWEEP_VARIANTS = [  # (label, overrides of triton_attention's module settings; a callable
+    # value is called with q)
+    ("default", {}),
+    ("default, mul-add softmax", {"FWD_FMA": False}),
+    ("partials, 256 MB floor", PARTIALS),
+    ("partials, 256 MB floor, sort per pass", PER_PASS),
+    ("partials, 64 MB floor", {**PARTIALS, "PART_MIN_BYTES": 64 * MB}),
+    ("partials, 64 MB floor, sort per pass", {**PER_PASS, "PART_MIN_BYTES": 64 * MB}),
+    ("partials, 32 MB floor", {**PARTIALS, "PART_MIN_BYTES": 32 * MB}),
+    ("partials, 16 MB floor", {**PARTIALS, "PART_MIN_BYTES": 16 * MB}),
+    ("partials, 16 MB floor, sort per pass", {**PER_PASS, "PART_MIN_BYTES": 16 * MB}),
+    ("partials, 1/4 output, no floor", {**PARTIALS, "PART_MIN_BYTES": 0}),
+    ("partials, 1/8 output, no floor", {**PARTIALS, "PART_CHUNK_ELEMS": eighth_of_output}),
+    ("sel 128x64 w8, diag 128x64 w8", {"FWD_CONFIG": (128, 64, 8, 128, 64, 8, 3)}),
+    ("sel 64x64 w4, diag 128x64 w8", {"FWD_CONFIG": (64, 64, 4, 128, 64, 8, 3)}),
+    ("sel 128x64 w8, diag 64x64 w4", {"FWD_CONFIG": (128, 64, 8, 64, 64, 4, 3)}),
     # wider key tiles and taller entry tiles for large blocks (the 1M stretch target)
-    ("sel 128x128 w8 s2, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 2), {}),
-    ("sel 128x128 w8 s3, diag 128x64 w8", None, None, (128, 128, 8, 128, 64, 8, 3), {}),
-    ("sel 64x128 w4, diag 128x64 w8", None, None, (64, 128, 4, 128, 64, 8, 3), {}),
-    ("sel 256x64 w8 s2, diag 128x64 w8", None, None, (256, 64, 8, 128, 64, 8, 2), {}),
+    ("sel 128x128 w8 s2, diag 128x64 w8", {"FWD_CONFIG": (128, 128, 8, 128, 64, 8, 2)}),
+    ("sel 128x128 w8 s3, diag 128x64 w8", {"FWD_CONFIG": (128, 128, 8, 128, 64, 8, 3)}),
+    ("sel 64x128 w4, diag 128x64 w8", {"FWD_CONFIG": (64, 128, 4, 128, 64, 8, 3)}),
+    ("sel 256x64 w8 s2, diag 128x64 w8", {"FWD_CONFIG": (256, 64, 8, 128, 64, 8, 2)}),
 ]
 
 
 def fwd_sweep(log, jobs, pick=".*"):
     """Forward variants (schedule, pass budget, tile shapes): attention ms given the
     selection, whole-op ms, peak GB, max |difference| from fp32 partials merged in fp32
-    (``ref``, the most exact the kernels compute); then the kernel
-    time breakdown of the default at the first job. ``pick``: a regular expression that
-    the labels of the variants to run match from their start."""
+    (``ref``, the most exact the kernels compute); then the kernel time breakdown of the
+    default at the first job. ``pick``: a regular expression that the labels of the variants
+    to run match from their start."""
     variants = [v for v in SWEEP_VARIANTS if re.match(pick, v[0])]
     out = []
     for name, t in jobs:
@@ -247,40 +268,28 @@ def fwd_sweep(log, jobs, pick=".*"):
         cu, q, k, v, scale = make_inputs(cfg, t)
         layout = BlockLayout.build(cu, cu, bsz)
         sel = tg.gate_triton(q, k, layout, topk)
-        ta.PART_DTYPE, ta.IN_PLACE = torch.float32, False  # fp32 partials, one fp32 merge
-        ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
-        ta.PART_DTYPE = ta.IN_PLACE = None
-        # partial budgets in bf16 elements: a quarter of the output with a lower floor, or
-        # an eighth with none
-        budgets = {None: None, "eighth": min(q.numel() * 2 // 8, ta.PART_MAX_BYTES) // 2}
-        for floor_mb in (64, 32, 16, 0):
-            budgets[f"quarter:{floor_mb}"] = min(
-                max(q.numel() * 2 // 4, floor_mb << 20), ta.PART_MAX_BYTES) // 2
-        for label, pdt, budget, conf, overrides in variants:
-            ta.PART_DTYPE, ta.FWD_CONFIG = pdt, conf
-            for attr, value in overrides.items():
-                setattr(ta, attr, value)
-            ta.PART_CHUNK_ELEMS = budgets[budget]
+        with patched(ta, {"PART_DTYPE": torch.float32, "IN_PLACE": False}):  # one fp32 merge
+            ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
+        for label, overrides in variants:
+            values = {a: val(q) if callable(val) else val for a, val in overrides.items()}
             try:
-                o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]
-                diff = (o.float() - ref).abs().max().item()
-                del o
-                attn = time_ms(lambda: ta._moba_forward(q, k, v, layout, sel, topk, scale), False)
+                with patched(ta, values):
+                    o = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0]
+                    diff = (o.float() - ref).abs().max().item()
+                    del o
+                    attn = time_ms(lambda: ta._moba_forward(q, k, v, layout, sel, topk, scale),
+                                   False)
 
-                def whole():
-                    with torch.no_grad():
-                        return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz,
-                                                   topk=topk, softmax_scale=scale)
-                ms = time_ms(whole, False)
-                rec = {"setting": name, "T": t, "variant": label, "attn_ms": attn,
-                       "moba_ms": ms, "peak_gb": peak_gb(whole), "max_diff": diff}
+                    def whole():
+                        with torch.no_grad():
+                            return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz,
+                                                       topk=topk, softmax_scale=scale)
+                    ms = time_ms(whole, False)
+                    rec = {"setting": name, "T": t, "variant": label, "attn_ms": attn,
+                           "moba_ms": ms, "peak_gb": peak_gb(whole), "max_diff": diff}
             except Exception as err:  # noqa: BLE001  a tile shape the compiler refuses
                 rec = {"setting": name, "T": t, "variant": label,
                        "error": str(err).splitlines()[0][:150]}
-            finally:
-                ta.PART_DTYPE = ta.FWD_CONFIG = ta.PART_CHUNK_ELEMS = None
-                ta.SHARED_SORT = ta.FWD_FMA = True
-                ta.IN_PLACE = None
             log("sweep " + json.dumps(rec))
             out.append(rec)
         if (name, t) == jobs[0]:

@@ -5,9 +5,8 @@
 #   COMMIT=<sha> bash benchmarks/gpu_suite.sh                       # every part, one GPU
 #   CUDA_VISIBLE_DEVICES=1 PARTS="decode train32" TAG=b DEADLINE=560 bash benchmarks/gpu_suite.sh
 # Parts: tests (pytest -m gpu), memcheck, fwd-sweep (forward variants + kernel breakdown;
-# SWEEP_VARIANTS picks them, SWEEP_JOBS the settings), fwd-tiles (tile variants at the paper setting, 256K and 1M;
-# TILE_VARIANTS),
-# fwd (the forward settings), decode (sparse decode vs dense decode), train32 and
+# SWEEP_VARIANTS picks them, SWEEP_JOBS the settings), fwd-tiles (tile variants at the paper
+# setting, 256K and 1M; TILE_VARIANTS), fwd (the forward settings), decode (sparse decode vs dense decode), train32 and
 # train128 (training-step tokens/s at 32K / 128K), bwd (fwd+bwd, FlashMoBA setting, 128K and 256K),
 # bwd512 (FlashMoBA setting at 512K, dense baselines in the same run), bwd-paper (paper setting at
 # 128K and 1M, each dense baseline timed once after a warm-up), bench (`moba bench` with every

@@ -394,39 +394,30 @@ def test_gpu_varlen_gqa(monkeypatch, d, dtype, in_place):
 
 
 @gpu
-def test_gpu_long_multichunk_setting():
+def test_gpu_long_multichunk_setting(monkeypatch):
     # 64K tokens, block 128, k 8: many partial chunks and thousands of tiles
     t = 65536
     q, k, v = make_qkv(t, t, 4, 4, 128, torch.bfloat16)
-    old = ta.PART_CHUNK_ELEMS, ta.IN_PLACE
-    ta.PART_CHUNK_ELEMS = 1 << 22
-    try:
-        for in_place in (True, False):
-            ta.IN_PLACE = in_place
-            check_attention(q, k, v, cu([t]), cu([t]), 128, 8, rows=_sample_rows(t, 256),
-                            floor=1e-4)
-    finally:
-        ta.PART_CHUNK_ELEMS, ta.IN_PLACE = old
+    monkeypatch.setattr(ta, "PART_CHUNK_ELEMS", 1 << 22)
+    for in_place in (True, False):
+        monkeypatch.setattr(ta, "IN_PLACE", in_place)
+        check_attention(q, k, v, cu([t]), cu([t]), 128, 8, rows=_sample_rows(t, 256), floor=1e-4)
 
 
 @gpu
-def test_gpu_kv_head_group_passes():
+def test_gpu_kv_head_group_passes(monkeypatch):
     # partials of one kv head fit the budget, all kv heads do not: passes over kv-head groups;
     # then a budget under one kv head's: one kv head at a time over row chunks
     t, hq, hkv, d, topk = 6000, 8, 4, 128, 5
     q, k, v = make_qkv(t, t, hq, hkv, d, torch.bfloat16)
-    old = ta.PART_CHUNK_ELEMS, ta.SHARED_SORT, ta.IN_PLACE
-    ta.IN_PLACE = False  # the partials schedule
+    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
     per_head = t * (hq // hkv) * (topk - 1) * d
-    try:
-        for budget in (2 * per_head, per_head // 3):
-            ta.PART_CHUNK_ELEMS = budget
-            for shared in (True, False):  # one sort of all entries, or one per pass
-                ta.SHARED_SORT = shared
-                check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t),
-                                floor=1e-4)
-    finally:
-        ta.PART_CHUNK_ELEMS, ta.SHARED_SORT, ta.IN_PLACE = old
+    for budget in (2 * per_head, per_head // 3):
+        monkeypatch.setattr(ta, "PART_CHUNK_ELEMS", budget)
+        for shared in (True, False):  # one sort of all entries, or one per pass
+            monkeypatch.setattr(ta, "SHARED_SORT", shared)
+            check_attention(q, k, v, cu([t]), cu([t]), 128, topk, rows=_sample_rows(t),
+                            floor=1e-4)
 
 
 @gpu

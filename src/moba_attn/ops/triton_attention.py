@@ -346,8 +346,8 @@ def _configs(d: int, block_size: int, dense_entries: float):
     # benchmarks/RESULTS.md); larger blocks keep 128-row tiles, their loops are long
     small = block_size <= 512
     sel_bm = 128 if (dense_entries >= 128 and d <= 128 and not small) else 64
-    # 128-key tiles in the selected-block loop at blocks of 4096 (the same sweep: 3.7% faster
-    # at the paper's 1M, 5.5% at 256K)
+    # 128-key tiles in the selected-block loop above 512 keys (measured at blocks of 4096, H200
+    # sweep 2026-11-28: 3.7% faster at the paper's 1M, 5.5% at 256K)
     sel_bn = min(128 if (d <= 128 and not small) else bn, bn_cap)
     diag_bm = 128 if (block_size >= 128 and d <= 128 and not small) else 64
     return (sel_bm, sel_bn, 8 if sel_bm == 128 else 4, diag_bm, min(bn, 64),
