@@ -25,6 +25,13 @@
 #   report  `moba compare --steps N` of all the variants on the first GPU: it resumes each at
 #           step N, so it trains nothing (a variant that stopped short is finished here, for
 #           at most CATCHUP_MINUTES), evaluates all of them and writes the summary and plots
+# A plan that spans calls (e.g. one machine lent for 10-minute commands): every call is the
+# same but the last, and they share RUNS. The first probes and plans N for the whole
+# TRAIN_MINUTES and trains LOOP_MINUTES; a later call finds RUNS/plan.sh and checkpoints,
+# keeps N and the groups (no probe) and trains on:
+#   export GPUS="0 1" PRESET=mini TRAIN_MINUTES=14 RUNS=$PWD/runs/cmp OUT=$OUT
+#   LOOP_MINUTES=7 NO_REPORT=1 bash benchmarks/compare_gpus.sh   # first call(s)
+#   LOOP_MINUTES=6 bash benchmarks/compare_gpus.sh               # last call: reports
 # Results: OUT/compare.tgz (summary.{md,csv,json}, compare.png, eval/, each variant's
 # metrics.csv, loss.png, config.json and summary.json, the plan and every process's log; no
 # checkpoints; rewritten after each stage) and OUT/summary.md.
@@ -49,7 +56,10 @@
 #   MIN_STEPS        fewest steps the plan may choose (5)
 #   MARGIN           share of the training time the planned steps should fill (0.9)
 #   CATCHUP_MINUTES  report stage: most training for variants that stopped short (1)
-#   FRESH=1          discard checkpoints already in RUNS/cmp
+#   LOOP_MINUTES     this call's training loops stop after this many minutes (checkpointed),
+#                    whatever the plan's budget: with TRAIN_MINUTES the total over several
+#                    calls and NO_REPORT=1, one plan spans calls (see below)
+#   FRESH=1          discard checkpoints (and the plan) already in RUNS
 #   DRY=1            CPU dry run: GPUS="cpu cpu", PRESET=tiny, TRAIN_MINUTES=1, small evaluation
 #   PYTHON           interpreter (python)
 set -uo pipefail
@@ -119,17 +129,31 @@ wait_all() {  # wait_all NAME PID...: wait, printing every variant's step each P
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv,noheader
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', __import__('platform').python_version())"
 } | tee "$RUNS/machine.txt"
+RESUME_PLAN=0
 if compgen -G "$CMP/*/checkpoint.pt" >/dev/null; then
   if [ "${FRESH:-0}" = 1 ]; then
-    rm -rf "$CMP" && mkdir -p "$CMP"
+    rm -rf "$CMP" "$RUNS/plan.json" "$RUNS/plan.sh" && mkdir -p "$CMP"
+  elif [ -z "${STEPS:-}" ] && [ -e "$RUNS/plan.sh" ]; then
+    RESUME_PLAN=1  # an earlier call's plan: same N and groups, no new probe
   elif [ -z "${STEPS:-}" ]; then
-    echo "$CMP already holds checkpoints: a new probe could change N; set FRESH=1, STEPS=<their N>, or another RUNS" >&2
+    echo "$CMP already holds checkpoints but no plan.sh: a new probe could change N; set FRESH=1, STEPS=<their N>, or another RUNS" >&2
     exit 2
   fi
 fi
 
+if [ "$RESUME_PLAN" = 1 ]; then
+  # shellcheck disable=SC1091
+  source "$RUNS/plan.sh"
+  if [ "${#SHARE[@]}" != "${#DEVS[@]}" ]; then
+    echo "$RUNS/plan.sh splits the variants over ${#SHARE[@]} devices, GPUS names ${#DEVS[@]}" >&2
+    exit 2
+  fi
+  say "resuming the plan in $RUNS/plan.json: $N steps per variant"
+  for g in "${!SHARE[@]}"; do echo "  device ${DEVS[g]}: ${SHARE[g]}"; done
+fi
+
 # ---------------------------------------------------------------- probe
-if [ -z "${STEPS:-}" ]; then
+if [ "$RESUME_PLAN" = 0 ] && [ -z "${STEPS:-}" ]; then
   IFS=, read -r -a ALL <<<"$VARIANTS"
   SHARE=()
   for j in "${!ALL[@]}"; do
@@ -160,7 +184,7 @@ if [ -z "${STEPS:-}" ]; then
 fi
 
 # ---------------------------------------------------------------- plan
-"$PY" - "$RUNS" "$VARIANTS" "${DEVS[*]}" "$TRAIN_MINUTES" "$MIN_STEPS" "$MARGIN" "${STEPS:-}" "${STEP_S:-}" $EXTRA <<'PY' || { pack; exit 1; }
+[ "$RESUME_PLAN" = 1 ] || "$PY" - "$RUNS" "$VARIANTS" "${DEVS[*]}" "$TRAIN_MINUTES" "$MIN_STEPS" "$MARGIN" "${STEPS:-}" "${STEP_S:-}" $EXTRA <<'PY' || { pack; exit 1; }
 import json
 import shlex
 import sys
@@ -220,9 +244,12 @@ limit_min = max(limit_s, 1.0) / 60
     + "".join(f"SHARE[{i}]={shlex.quote(','.join(g))}\n" for i, g in enumerate(plan["groups"]))
 )
 PY
-unset SHARE
-# shellcheck disable=SC1091
-source "$RUNS/plan.sh"
+if [ "$RESUME_PLAN" = 0 ]; then
+  unset SHARE
+  # shellcheck disable=SC1091
+  source "$RUNS/plan.sh"
+fi
+[ -z "${LOOP_MINUTES:-}" ] || LIMIT=$LOOP_MINUTES
 pack
 
 # ---------------------------------------------------------------- train
@@ -244,7 +271,7 @@ for i in "${!USED[@]}"; do
 done
 pack
 if [ "${NO_REPORT:-0}" = 1 ]; then
-  say "NO_REPORT=1: stopping after training; resume with RUNS=$RUNS STEPS=$N"
+  say "NO_REPORT=1: stopping after training; the same command with RUNS=$RUNS resumes this plan"
   for l in "${LABELS[@]}"; do echo "  $l: step $(last_step "$l")/$N"; done
   exit 0
 fi
