@@ -430,8 +430,12 @@ def test_heldout_tail_change_reads_the_last_fifth_of_the_steps():
 
     vals = [(60, 2.0), (80, 1.0), (90, 0.95), (100, 0.9)]
     assert heldout_tail_change(vals, 100) == pytest.approx(-10.0)  # 1.0 at step 80 -> 0.9
-    assert heldout_tail_change(vals[:1], 100) is None  # no evaluation in the window
     assert heldout_tail_change([(100, 0.9)], 100) is None  # one evaluation: no change to read
+    # evaluations every 250 of 2192 steps: the window starts at step 1750, the last one at or
+    # before step 1753.6, not at 2000 (which would read only the last 9% of the steps)
+    sparse = [(1500, 0.70), (1750, 0.64), (2000, 0.62), (2192, 0.608)]
+    assert heldout_tail_change(sparse, 2192) == pytest.approx(100 * (0.608 / 0.64 - 1))
+    assert heldout_tail_change(sparse[:1], 2192) is None  # nothing after the window's start
 
 
 def test_compare_sizes_steps_to_a_time_budget(tmp_path, capsys):
