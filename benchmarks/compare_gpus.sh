@@ -125,7 +125,7 @@ wait_all() {  # wait_all NAME PID...: wait, printing every variant's step each P
   rev=$(git rev-parse --short HEAD 2>/dev/null) || rev=unknown
   [ "$rev" = unknown ] || git diff --quiet HEAD 2>/dev/null || rev+=" + uncommitted changes"
   echo "commit $rev, $(date -u '+%Y-%m-%d %H:%M') UTC"
-  echo "GPUS=${DEVS[*]} PRESET=$PRESET CORPUS=$CORPUS VARIANTS=$VARIANTS TRAIN_MINUTES=$TRAIN_MINUTES STEPS=${STEPS:-probe} EXTRA=$EXTRA"
+  echo "GPUS=${DEVS[*]} PRESET=$PRESET CORPUS=$CORPUS VARIANTS=$VARIANTS TRAIN_MINUTES=$TRAIN_MINUTES STEPS=${STEPS:-probe or the plan in RUNS} LOOP_MINUTES=${LOOP_MINUTES:-plan} EXTRA=$EXTRA"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv,noheader
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'python', __import__('platform').python_version())"
 } | tee "$RUNS/machine.txt"

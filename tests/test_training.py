@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -515,3 +519,31 @@ def test_compare_split_over_processes_then_one_report(tmp_path, capsys):
     assert [r["variant"] for r in table] == list(variants)
     assert all(int(r["steps"]) == 3 and r["trailing_loss"] for r in table)
     assert is_png(out / "compare.png") and is_png(out / "eval" / "retrieval_heatmap.png")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_compare_gpus_script_spans_calls(tmp_path):
+    """benchmarks/compare_gpus.sh: a first call plans and stops at its loop limit; a second
+    call with the same RUNS keeps the saved plan (no probe, same steps) and reports."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "GPUS": "cpu", "PRESET": "tiny", "CORPUS": "stdlib", "VARIANTS": "full,moba",
+        "EXTRA": "--seq-len 256 --batch-size 2 --eval-seqs 2 --eval-samples 1",
+        "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
+    }
+
+    def call(**extra):
+        r = subprocess.run(["bash", "benchmarks/compare_gpus.sh"], cwd=root, env={**env, **extra},
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r.stdout
+
+    first = call(STEPS="6", LOOP_MINUTES="0.0001", NO_REPORT="1")
+    assert "full: step 1/6" in first and "moba: step 1/6" in first  # stopped after one round
+    assert not (tmp_path / "out" / "summary.md").exists()
+    second = call()  # no STEPS: the plan in RUNS decides
+    assert "resuming the plan" in second and "probe:" not in second
+    with open(tmp_path / "runs" / "cmp" / "summary.csv", newline="") as f:
+        assert [(r["variant"], r["steps"]) for r in csv.DictReader(f)] == [("full", "6"), ("moba", "6")]
+    assert (tmp_path / "out" / "summary.md").exists() and (tmp_path / "out" / "compare.tgz").exists()
