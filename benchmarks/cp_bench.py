@@ -820,9 +820,20 @@ def _spawned(rank, world, init, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
+    run_and_close(args, torch.device("cpu"))
+
+
+def run_and_close(args, device):
+    """``main_worker``, then the process group's teardown; after a normal end every rank
+    waits at a barrier first, so none tears the group down while a peer still uses it (a
+    gloo rank aborted in teardown once without it, on a 2-core CPU machine)."""
+    finished = False
     try:
-        main_worker(args, torch.device("cpu"))
+        main_worker(args, device)
+        finished = True
     finally:
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -894,10 +905,7 @@ def main(argv=None):
             device = torch.device("cpu")
         dist.init_process_group("nccl" if cuda else "gloo",
                                 timeout=datetime.timedelta(seconds=args.pg_timeout_s))
-        try:
-            main_worker(args, device)
-        finally:
-            dist.destroy_process_group()
+        run_and_close(args, device)
         return
     if not args.dry_run:
         raise SystemExit("launch with torchrun (see the module docstring), or pass --dry-run, "
