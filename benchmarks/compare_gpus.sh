@@ -14,8 +14,8 @@
 #   probe   each GPU times a few steps of a share of the variants (`moba compare --probe`);
 #           the slowest probe process's wall time stands for a training process's start-up
 #           (imports, data, models, first-step compilation)
-#   plan    `compare.plan_parallel`: slowest variant first, each to the least loaded GPU (at
-#           most ceil(#variants / #GPUs) per GPU: 5 on 3 GPUs is 2/2/1), and
+#   plan    `compare.plan_parallel`: the split of the variants whose slowest GPU round is
+#           shortest (at most ceil(#variants / #GPUs) per GPU: 5 on 3 GPUs is 2/2/1), and
 #           N = floor(MARGIN * (60 * TRAIN_MINUTES - start-up) / slowest GPU's round time),
 #           a round being one step of each of its variants; N >= MIN_STEPS. MARGIN (0.9) leaves
 #           room for the periodic held-out evaluations, checkpoints and timing noise

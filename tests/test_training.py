@@ -486,6 +486,12 @@ def test_plan_parallel_balances_devices_and_never_plans_zero_steps():
     assert plan_parallel(t, 3, seconds=10, overhead_s=30)["steps"] == 5  # min_steps, never 0
     assert plan_parallel(t, 1, seconds=420)["groups"] == [list(t)]
     assert split_variants({"full": 1.0, "moba": 2.0}, 3) == [["moba"], ["full"], []]
+    # 5 variants on 2 GPUs (the mini preset's H200 step times): slowest first would put both
+    # full seeds with MoBA (0.290 s a round); the best split of 3 + 2 takes 0.280 s
+    h200 = {"full": 0.083, "full@1": 0.083, "moba": 0.124, "hybrid": 0.121, "layer-hybrid": 0.114}
+    pair = split_variants(h200, 2)
+    assert sorted(map(len, pair)) == [2, 3] and sorted(sum(pair, [])) == sorted(h200)
+    assert max(sum(h200[k] for k in g) for g in pair) == pytest.approx(0.280)
     with pytest.raises(ValueError, match="positive step time"):
         plan_parallel({"full": 0.0}, 2, 60)
 

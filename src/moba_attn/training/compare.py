@@ -19,6 +19,7 @@ nothing, and evaluates and reports them together. :func:`probe_variants` and
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -35,6 +36,7 @@ from .trainer import FLAT_TAIL, Run, _bar, describe, resolve_device
 
 VARIANTS = ("full", "moba", "hybrid", "layer-hybrid")
 DEFAULT_VARIANTS = "full,full@1,moba,hybrid,layer-hybrid"
+SPLIT_EXACT_MAX = 100_000  # split_variants tries every assignment up to this many
 
 
 def parse_variants(spec: str, base_seed: int) -> list[tuple[str, str, int]]:
@@ -289,10 +291,12 @@ def steps_for_budget(
 
 def split_variants(step_s: dict[str, float], n_groups: int) -> list[list[str]]:
     """Share the variants ``{label: seconds per step}`` among ``n_groups`` processes so that the
-    slowest group's round (the sum of its step times) is short: slowest variant first, each to
-    the least loaded group that holds fewer than ``ceil(n / n_groups)`` variants (5 variants on
-    3 groups: 2/2/1). Groups keep the order of ``step_s``; with fewer variants than groups the
-    extra groups are empty."""
+    slowest group's round (the sum of its step times) is as short as possible, each group
+    holding at most ``ceil(n / n_groups)`` variants (5 variants on 3 groups: 2/2/1). Slowest
+    variant first, each to the least loaded group; where the assignments are few enough
+    (``n_groups ** n <= SPLIT_EXACT_MAX``) every one is tried and a shorter slowest round
+    replaces that (5 variants on 2 GPUs: greedy puts both full seeds with MoBA). Groups keep
+    the order of ``step_s``; with fewer variants than groups the extra groups are empty."""
     if n_groups < 1:
         raise ValueError(f"n_groups must be >= 1, got {n_groups}")
     order = list(step_s)
@@ -303,6 +307,17 @@ def split_variants(step_s: dict[str, float], n_groups: int) -> list[list[str]]:
         g = min((i for i in range(n_groups) if len(groups[i]) < cap), key=lambda i: load[i])
         groups[g].append(label)
         load[g] += step_s[label]
+    best = max(load)
+    if n_groups > 1 and n_groups ** len(order) <= SPLIT_EXACT_MAX:
+        for assign in itertools.product(range(n_groups), repeat=len(order)):
+            counts = [0] * n_groups
+            sums = [0.0] * n_groups
+            for label, g in zip(order, assign):
+                counts[g] += 1
+                sums[g] += step_s[label]
+            if max(counts) <= cap and max(sums) < best - 1e-12:
+                best = max(sums)
+                groups = [[lb for lb, g in zip(order, assign) if g == i] for i in range(n_groups)]
     return [sorted(g, key=order.index) for g in groups]
 
 
