@@ -490,7 +490,7 @@ def test_plan_parallel_balances_devices_and_never_plans_zero_steps():
     # full seeds with MoBA (0.290 s a round); the best split of 3 + 2 takes 0.280 s
     h200 = {"full": 0.083, "full@1": 0.083, "moba": 0.124, "hybrid": 0.121, "layer-hybrid": 0.114}
     pair = split_variants(h200, 2)
-    assert sorted(map(len, pair)) == [2, 3] and sorted(sum(pair, [])) == sorted(h200)
+    assert sorted(map(len, pair)) == [2, 3] and sorted(k for g in pair for k in g) == sorted(h200)
     assert max(sum(h200[k] for k in g) for g in pair) == pytest.approx(0.280)
     with pytest.raises(ValueError, match="positive step time"):
         plan_parallel({"full": 0.0}, 2, 60)
@@ -541,7 +541,7 @@ def test_compare_gpus_script_spans_calls(tmp_path):
 
     def call(**extra):
         r = subprocess.run(["bash", "benchmarks/compare_gpus.sh"], cwd=root, env={**env, **extra},
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, check=False)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r.stdout
 
