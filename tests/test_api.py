@@ -54,12 +54,12 @@ def test_decreasing_cu_seqlens(good):
 
 
 @pytest.mark.parametrize("kw,exc,match", [
-    (dict(block_size=0), ValueError, "block_size must be >= 1"),
-    (dict(topk=0), ValueError, "topk must be >= 1"),
-    (dict(block_size=16.0), TypeError, "block_size must be a Python int"),
-    (dict(topk=True), TypeError, "topk must be a Python int"),
-    (dict(backend="cuda-magic"), ValueError, "backend must be one of"),
-    (dict(mq=10), ValueError, "max_seqlen_q"),
+    ({"block_size": 0}, ValueError, "block_size must be >= 1"),
+    ({"topk": 0}, ValueError, "topk must be >= 1"),
+    ({"block_size": 16.0}, TypeError, "block_size must be a Python int"),
+    ({"topk": True}, TypeError, "topk must be a Python int"),
+    ({"backend": "cuda-magic"}, ValueError, "backend must be one of"),
+    ({"mq": 10}, ValueError, "max_seqlen_q"),
 ])
 def test_bad_settings(good, kw, exc, match):
     q, k, v, cu_q, cu_k = good

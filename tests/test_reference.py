@@ -38,7 +38,7 @@ def test_naive_matches_sdpa_with_its_mask(T, hq, hkv, B, k):
 
 @pytest.mark.parametrize("T,B", [(200, 16), (64, 64), (1, 8), (130, 32)])
 def test_topk_at_least_blocks_is_dense_causal(T, B):
-    q, k, v, cu, _ = packed_inputs([T], [T], 2, 2, 16)
+    q, k, _, _, _ = packed_inputs([T], [T], 2, 2, 16)
     nb = math.ceil(T / B)
     mask = moba_mask_naive(q, k, B, nb)
     assert torch.equal(mask, _causal_mask(T, T).expand_as(mask))

@@ -112,7 +112,7 @@ def test_chunking_and_schedules_do_not_change_results(monkeypatch, per_group):
     lens = [333, 17, 250]
     q, k, v, cu, _ = packed_inputs(lens, lens, 4, 2, 16, torch.float64, grad=True)
     args = (q, k, v, cu, cu, 333, 333)
-    kw = dict(block_size=16, topk=4, backend="torch")
+    kw = {"block_size": 16, "topk": 4, "backend": "torch"}
     out = moba_attn_varlen_func(*args, **kw)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     monkeypatch.setattr(torch_impl, "PART_CHUNK_ELEMS", 4 * 4 * 16 * 37)

@@ -17,7 +17,6 @@ from moba_attn.ops import triton_backward as tb
 from moba_attn.ops.gate import BlockLayout
 from moba_attn.ops.naive import moba_mask_naive
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -65,8 +64,8 @@ def make_case(lens_q, lens_k, hq, hkv, d, block, topk, dtype, device=DEVICE):
     scale = d ** -0.5
     sel = torch_impl._gate_all(q, k, layout, topk)
     out, lse = torch_impl._forward(q, k, v, layout, sel, topk, scale)
-    return dict(q=q, k=k, v=v, out=out, lse=lse.float(), dout=dout, layout=layout, sel=sel,
-                topk=topk, scale=scale)
+    return {"q": q, "k": k, "v": v, "out": out, "lse": lse.float(), "dout": dout, "layout": layout, "sel": sel,
+                "topk": topk, "scale": scale}
 
 
 def rel(a, b):

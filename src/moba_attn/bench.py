@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +53,7 @@ class BenchConfig:
     out: str = "bench_out"
     seed: int = 0
 
-    def resolved(self) -> "BenchConfig":
+    def resolved(self) -> BenchConfig:
         c = BenchConfig(**asdict(self))
         if c.device == "auto":
             c.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -278,8 +279,9 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
         else:
             grad = torch.randn(q.shape, device=dev, dtype=q.dtype)
 
-            def fn(fwd=fwd, grad=grad):
-                q.grad = k.grad = v.grad = None
+            def fn(fwd=fwd, grad=grad, leaves=(q, k, v)):
+                for x in leaves:
+                    x.grad = None
                 fwd().backward(grad)
         long = T >= cfg.long_seqlen
         try:
@@ -293,13 +295,13 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
         keys = dense_causal_keys(cu, cu) if name in DENSE or name.startswith("sdpa") else \
             n_attended_keys(cu.cpu(), cu.cpu(), cfg.block_size, cfg.topk)
         flops = 4 * cfg.head_dim * keys * cfg.heads * (1.0 if mode == "fwd" else 3.5)
-        rows.append(dict(T=T, mode=mode, provider=name, ms=ms,
-                         tflops=flops / (ms * 1e-3) / 1e12 if ms == ms else float("nan"),
-                         peak_mib=mem, error=err))
+        rows.append({"T": T, "mode": mode, "provider": name, "ms": ms,
+                     "tflops": flops / (ms * 1e-3) / 1e12 if not math.isnan(ms) else float("nan"),
+                     "peak_mib": mem, "error": err})
     bar.close()
     _add_speedups(rows)
-    return dict(config=asdict(cfg), machine=machine_line(dev), rows=rows, check=check,
-                date=time.strftime("%Y-%m-%d"))
+    return {"config": asdict(cfg), "machine": machine_line(dev), "rows": rows, "check": check,
+            "date": time.strftime("%Y-%m-%d")}
 
 
 def _add_speedups(rows: list[dict]) -> None:
@@ -319,12 +321,8 @@ def run_check(cfg: BenchConfig | None = None, verbose: bool = False) -> dict:
     Returns ``{"ok": bool, "rows": [...]}``; each row has the max output/grad errors and
     PyTorch's own error in the same dtype (the tolerance rule: <= 2x / 3x of it).
     """
-    from .ops.gate import moba_select
-    from .ops.naive import moba_attn_naive
-
     cfg = (cfg or BenchConfig()).resolved()
     dev = torch.device(cfg.device)
-    dtype = DTYPES[cfg.dtype]
     backends = ["torch"] + (["triton"] if triton_available(dev) else [])
     shapes = [  # lens, Hq, Hkv, D, block, topk
         ([300, 1, 77], 4, 2, 64, 32, 3),
@@ -332,41 +330,52 @@ def run_check(cfg: BenchConfig | None = None, verbose: bool = False) -> dict:
         ([64, 200], 4, 4, 64, 16, 20),
     ]
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    rows, ok = [], True
-    for lens, hq, hkv, d, blk, topk in shapes:
-        cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32,
-                          device=dev)
-        n = sum(lens)
-        q = torch.randn(n, hq, d, device=dev, generator=gen).to(dtype)
-        k = torch.randn(n, hkv, d, device=dev, generator=gen).to(dtype)
-        v = torch.randn(n, hkv, d, device=dev, generator=gen).to(dtype)
-        g = torch.randn(n, hq, d, device=dev, generator=gen).to(dtype)
-        sel = moba_select(q, k, cu, cu, block_size=blk, topk=topk)
+    rows = [row for shape in shapes for row in _check_shape(cfg, dev, gen, backends, *shape)]
+    return {"ok": all(r["passed"] for r in rows), "rows": rows, "device": machine_line(dev)}
 
-        def grads_of(fn, inputs):
-            xs = [t.detach().clone().requires_grad_() for t in inputs]
-            out = fn(*xs)
-            return [out.detach()] + list(torch.autograd.grad(out, xs, g.to(out.dtype)))
 
-        def naive(dt):
-            return lambda a, b, c: moba_attn_naive(a, b, c, cu, cu, block_size=blk, topk=topk,
-                                                   compute_dtype=dt, selection=sel)[0]
+def _check_shape(cfg, dev, gen, backends, lens, hq, hkv, d, blk, topk) -> list[dict]:
+    """``run_check``'s rows of one shape: every backend's output and gradient errors."""
+    from .ops.gate import moba_select
+    from .ops.naive import moba_attn_naive
 
-        ref = grads_of(naive(torch.float64), [t.double() for t in (q, k, v)])
-        base = grads_of(naive(dtype), (q, k, v))  # PyTorch's own error in this dtype
-        for backend in backends:
-            got = grads_of(lambda a, b, c: moba_attn_varlen_func(
-                a, b, c, cu, cu, max(lens), max(lens), block_size=blk, topk=topk,
-                backend=backend), (q, k, v))
-            errs = [(x.double() - r).abs().max().item() for x, r in zip(got, ref)]
-            bases = [(x.double() - r).abs().max().item() for x, r in zip(base, ref)]
-            floor = 1e-6 if dtype == torch.float32 else 1e-3
-            passed = all(e <= (2 if i == 0 else 3) * b + floor for i, (e, b) in enumerate(zip(errs, bases)))
-            ok &= passed
-            rows.append(dict(backend=backend, shape=f"lens{lens}-H{hq}-Hkv{hkv}-D{d}-B{blk}-k{topk}",
-                             dtype=cfg.dtype, err_out=errs[0], err_dq=errs[1], err_dk=errs[2],
-                             err_dv=errs[3], torch_err_out=bases[0], passed=passed))
-    return dict(ok=ok, rows=rows, device=machine_line(dev))
+    dtype = DTYPES[cfg.dtype]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), dtype=torch.int32,
+                      device=dev)
+    n = sum(lens)
+    q = torch.randn(n, hq, d, device=dev, generator=gen).to(dtype)
+    k = torch.randn(n, hkv, d, device=dev, generator=gen).to(dtype)
+    v = torch.randn(n, hkv, d, device=dev, generator=gen).to(dtype)
+    g = torch.randn(n, hq, d, device=dev, generator=gen).to(dtype)
+    sel = moba_select(q, k, cu, cu, block_size=blk, topk=topk)
+
+    def grads_of(fn, inputs):
+        xs = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*xs)
+        return [out.detach()] + list(torch.autograd.grad(out, xs, g.to(out.dtype)))
+
+    def naive(dt):
+        return lambda a, b, c: moba_attn_naive(a, b, c, cu, cu, block_size=blk, topk=topk,
+                                               compute_dtype=dt, selection=sel)[0]
+
+    def fast(backend):
+        return lambda a, b, c: moba_attn_varlen_func(a, b, c, cu, cu, max(lens), max(lens),
+                                                     block_size=blk, topk=topk, backend=backend)
+
+    ref = grads_of(naive(torch.float64), [t.double() for t in (q, k, v)])
+    base = grads_of(naive(dtype), (q, k, v))  # PyTorch's own error in this dtype
+    floor = 1e-6 if dtype == torch.float32 else 1e-3
+    rows = []
+    for backend in backends:
+        got = grads_of(fast(backend), (q, k, v))
+        errs = [(x.double() - r).abs().max().item() for x, r in zip(got, ref)]
+        bases = [(x.double() - r).abs().max().item() for x, r in zip(base, ref)]
+        passed = all(e <= (2 if i == 0 else 3) * b + floor for i, (e, b) in enumerate(zip(errs, bases)))
+        rows.append({"backend": backend, "shape": f"lens{lens}-H{hq}-Hkv{hkv}-D{d}-B{blk}-k{topk}",
+                     "dtype": cfg.dtype, "err_out": errs[0], "err_dq": errs[1],
+                     "err_dk": errs[2], "err_dv": errs[3], "torch_err_out": bases[0],
+                     "passed": passed})
+    return rows
 
 
 # ----------------------------------------------------------------------------- output
@@ -537,5 +546,15 @@ def _cmd_env(args) -> int:
     return 0
 
 
-__all__ = ["BenchConfig", "run_benchmark", "run_check", "format_table", "write_results",
-           "cuda_event_ms", "plot_results", "env_report", "local_walk", "make_inputs"]
+__all__ = [
+    "BenchConfig",
+    "cuda_event_ms",
+    "env_report",
+    "format_table",
+    "local_walk",
+    "make_inputs",
+    "plot_results",
+    "run_benchmark",
+    "run_check",
+    "write_results",
+]

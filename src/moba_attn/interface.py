@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .ops.naive import moba_attn_naive
@@ -59,7 +61,7 @@ def _check_cu_seqlens(name: str, cu, total: int, device, validate: bool) -> None
     vals = cu.tolist()
     if vals[0] != 0:
         raise ValueError(f"{name} must start at 0, got {vals[0]}")
-    if any(b < a for a, b in zip(vals, vals[1:])):
+    if any(b < a for a, b in itertools.pairwise(vals)):
         raise ValueError(f"{name} must be non-decreasing (cumulative sequence lengths), got {vals[:8]}...")
     if vals[-1] != total:
         raise ValueError(
@@ -107,7 +109,7 @@ def triton_available(device: torch.device | None = None) -> bool:
         return False
     try:
         from .ops import triton_attention  # noqa: F401
-    except Exception:  # ImportError, or a triton build that cannot load
+    except Exception:  # noqa: BLE001  ImportError, or a triton build that cannot load
         return False
     return True
 

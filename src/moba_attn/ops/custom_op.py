@@ -31,7 +31,7 @@ def _triton_forward():
     """``triton_attention`` when it imports, else ``None``."""
     try:
         from . import triton_attention
-    except Exception:  # no triton, or a build that cannot load
+    except Exception:  # noqa: BLE001  no triton, or a build that cannot load
         return None
     return triton_attention
 
@@ -39,7 +39,7 @@ def _triton_forward():
 def _triton_backward():
     try:
         from .triton_backward import moba_backward_triton
-    except Exception:
+    except Exception:  # noqa: BLE001  no triton, or a build that cannot load
         return None
     return moba_backward_triton
 
@@ -155,4 +155,4 @@ def moba_attn_varlen_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     return out, lse
 
 
-__all__ = ["moba_attn_varlen_op", "varlen_fwd", "varlen_bwd", "default_backend"]
+__all__ = ["default_backend", "moba_attn_varlen_op", "varlen_bwd", "varlen_fwd"]

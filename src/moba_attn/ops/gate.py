@@ -41,7 +41,7 @@ class BlockLayout:
     max_len_k: int  # longest key sequence
 
     @staticmethod
-    def build(cu_q: torch.Tensor, cu_k: torch.Tensor, block_size: int) -> "BlockLayout":
+    def build(cu_q: torch.Tensor, cu_k: torch.Tensor, block_size: int) -> BlockLayout:
         dev = cu_q.device
         cq = cu_q.detach().to("cpu", torch.int64).numpy()
         ck = cu_k.detach().to("cpu", torch.int64).numpy()
@@ -84,7 +84,7 @@ def block_view(x: torch.Tensor, layout: BlockLayout, dtype=None) -> torch.Tensor
     nb, w = layout.n_blocks, layout.width
     if nb * w == x.shape[0] and layout.all_full:
         return x.view(nb, w, *x.shape[1:]).to(dtype)
-    tok, valid = layout.block_tokens(x.shape[0])
+    _, valid = layout.block_tokens(x.shape[0])
     xb = x.new_zeros((nb * w,) + tuple(x.shape[1:]), dtype=dtype)
     xb[valid.reshape(-1).nonzero().squeeze(1)] = x.to(dtype)
     return xb.view(nb, w, *x.shape[1:])
@@ -233,6 +233,14 @@ def dense_causal_keys(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor) ->
 
 
 __all__ = [
-    "BlockLayout", "block_centroids", "block_view", "select_blocks", "select_all", "moba_select",
-    "sortable_key", "gate_chunk_rows", "n_attended_keys", "dense_causal_keys",
+    "BlockLayout",
+    "block_centroids",
+    "block_view",
+    "dense_causal_keys",
+    "gate_chunk_rows",
+    "moba_select",
+    "n_attended_keys",
+    "select_all",
+    "select_blocks",
+    "sortable_key",
 ]

@@ -371,4 +371,4 @@ def moba_backward_triton(q, k, v, out, lse, dout, layout: BlockLayout, sel, topk
     return dq, dk, dv
 
 
-__all__ = ["moba_backward_triton", "KERNEL_CONFIG"]
+__all__ = ["KERNEL_CONFIG", "moba_backward_triton"]
