@@ -150,7 +150,7 @@ def test_sparsity_accounting():
 def test_presets_build_the_documented_model_sizes():
     from moba_attn.training.modeling import build_model, count_params, model_config
 
-    sizes = {"tiny": 0.8e6, "mini": 12.8e6}  # the larger presets are too slow to build here
+    sizes = {"tiny": 0.8e6, "micro": 4.8e6, "mini": 12.8e6}  # the larger presets are too slow to build here
     for name, n in sizes.items():
         cfg = TrainConfig(preset=name).resolved()
         model = build_model(model_config(cfg, 256, 0), seed=0)

@@ -49,6 +49,26 @@ PRESETS: dict[str, Preset] = {
         eval_every=50,
         note="CPU smoke runs",
     ),
+    # ~4.8M params, 8K context, block 512 / topk 3: the 8K setting at ~110 tokens per
+    # parameter (8000 steps x 8 x 8192 = 524M tokens, 1.35 passes over the `python` corpus),
+    # for held-out curves that flatten; the `mini` preset's 144M-token run was still falling.
+    "micro": Preset(
+        "micro",
+        256,
+        6,
+        4,
+        2,
+        768,
+        seq_len=8192,
+        batch_size=8,
+        steps=8000,
+        lr=2e-3,
+        block_size=512,
+        topk=3,
+        layer_hybrid_full=(-1,),
+        eval_every=250,
+        note="GPU, ~4.8M params, 8K context, ~110 tokens per parameter",
+    ),
     # ~13M params, 8K context, block 512 / topk 3: the `small` setting at a size whose
     # held-out curve can flatten within a few hundred million tokens (about 40 tokens per
     # parameter at the default 6000 steps x 8 x 8192).
