@@ -141,17 +141,6 @@ if compgen -G "$CMP/*/checkpoint.pt" >/dev/null; then
   fi
 fi
 
-if [ "$RESUME_PLAN" = 1 ]; then
-  # shellcheck disable=SC1091
-  source "$RUNS/plan.sh"
-  if [ "${#SHARE[@]}" != "${#DEVS[@]}" ]; then
-    echo "$RUNS/plan.sh splits the variants over ${#SHARE[@]} devices, GPUS names ${#DEVS[@]}" >&2
-    exit 2
-  fi
-  say "resuming the plan in $RUNS/plan.json: $N steps per variant"
-  for g in "${!SHARE[@]}"; do echo "  device ${DEVS[g]}: ${SHARE[g]}"; done
-fi
-
 # ---------------------------------------------------------------- probe
 if [ "$RESUME_PLAN" = 0 ] && [ -z "${STEPS:-}" ]; then
   IFS=, read -r -a ALL <<<"$VARIANTS"
@@ -244,10 +233,16 @@ limit_min = max(limit_s, 1.0) / 60
     + "".join(f"SHARE[{i}]={shlex.quote(','.join(g))}\n" for i, g in enumerate(plan["groups"]))
 )
 PY
-if [ "$RESUME_PLAN" = 0 ]; then
-  unset SHARE
-  # shellcheck disable=SC1091
-  source "$RUNS/plan.sh"
+unset SHARE
+# shellcheck disable=SC1091
+source "$RUNS/plan.sh"
+if [ "$RESUME_PLAN" = 1 ]; then
+  if [ "${#SHARE[@]}" != "${#DEVS[@]}" ]; then
+    echo "$RUNS/plan.sh splits the variants over ${#SHARE[@]} devices, GPUS names ${#DEVS[@]}" >&2
+    exit 2
+  fi
+  say "resuming the plan in $RUNS/plan.json: $N steps per variant"
+  for g in "${!SHARE[@]}"; do echo "  device ${DEVS[g]}: ${SHARE[g]}"; done
 fi
 [ -z "${LOOP_MINUTES:-}" ] || LIMIT=$LOOP_MINUTES
 pack

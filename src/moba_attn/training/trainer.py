@@ -108,11 +108,8 @@ def heldout_tail_change(vals: list[tuple[int, float]], last_step: int) -> float 
     """Change (%) of the periodic held-out loss ``[(step, loss)]`` over the last
     ``FLAT_TAIL`` of ``last_step`` steps: from the last evaluation at or before the window's
     first step (so sparse evaluations never shrink the window) to the last evaluation."""
-    cut = (1 - FLAT_TAIL) * last_step
-    before = [i for i, (s, _) in enumerate(vals) if s <= cut]
-    tail = [v for _, v in vals[before[-1] if before else 0:]]
-    if not before:  # no evaluation before the window: from its first one inside it
-        tail = [v for s, v in vals if s >= cut]
+    before = [i for i, (s, _) in enumerate(vals) if s <= (1 - FLAT_TAIL) * last_step]
+    tail = [v for _, v in vals[before[-1] if before else 0:]]  # none before: all are inside
     return 100 * (tail[-1] / tail[0] - 1) if len(tail) > 1 and tail[0] > 0 else None
 
 
