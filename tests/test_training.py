@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("transformers")
 
 from moba_attn.training import cli as training_cli
-from moba_attn.training.config import TrainConfig
+from moba_attn.training.config import PRESETS, TrainConfig
 from moba_attn.training.data import TASK, Corpus, load_corpus
 from moba_attn.training.modeling import moba_sparsity
 from moba_attn.training.routing import layer_routing
@@ -243,6 +243,54 @@ def test_hybrid_switches_and_moba_changes_the_model(tmp_path):
     lm, lf = float(rows(tmp_path / "m")[0]["loss"]), float(rows(tmp_path / "f")[0]["loss"])
     assert lm != lf  # same init and batch: only the attention differs
     assert abs(lm - lf) < 0.05
+
+
+@needs_moba
+def test_deterministic_flag_reaches_moba_and_pytorch(tmp_path, monkeypatch):
+    """``--deterministic``: the op gets ``deterministic=True`` and PyTorch's switch is on for
+    the training step only; without the flag neither."""
+    import moba_attn.integrations.transformers as tf
+
+    seen = []
+    real = tf.moba_attn_func
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["deterministic"], torch.are_deterministic_algorithms_enabled()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tf, "moba_attn_func", spy)
+    common = ["--attn", "moba", "--steps", "2", "--eval-every", "100", "--block-size", "16",
+              "--topk", "2", "--seq-len", "128", "--batch-size", "2", "--no-progress"]
+    n_layers = PRESETS["tiny"].num_layers
+    assert not torch.are_deterministic_algorithms_enabled()
+    moba("train", "--out", str(tmp_path / "d"), "--deterministic", *common)
+    steps, final_eval = seen[: 2 * n_layers], seen[2 * n_layers :]
+    assert steps == [(True, True)] * (2 * n_layers)
+    assert final_eval and all(s == (True, False) for s in final_eval)  # held-out: no switch
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after every step
+    assert json.loads((tmp_path / "d" / "config.json").read_text())["deterministic"] is True
+    seen.clear()
+    moba("train", "--out", str(tmp_path / "n"), *common)
+    assert seen and all(s == (False, False) for s in seen)
+
+
+@pytest.mark.gpu
+@needs_moba
+@pytest.mark.parametrize("attn", ["moba", "full"])
+def test_deterministic_reruns_are_bit_identical_on_cuda(tmp_path, attn):
+    """Two ``--deterministic`` runs of the same config on CUDA: the same losses, gradient
+    norms and weights, bit for bit (MoBA's backward reduces with atomics otherwise)."""
+    args = ["--attn", attn, "--steps", "6", "--eval-every", "3", "--seq-len", "2048",
+            "--batch-size", "4", "--block-size", "128", "--topk", "3", "--device", "cuda",
+            "--deterministic", "--no-progress"]
+    for name in ("a", "b"):
+        moba("train", "--out", str(tmp_path / name), *args)
+    keys = ("loss", "val_loss", "grad_norm")
+    ra, rb = rows(tmp_path / "a"), rows(tmp_path / "b")
+    assert len(ra) == 6 and [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
+    wa, wb = (torch.load(tmp_path / n / "checkpoint.pt", weights_only=False)["model"]
+              for n in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # ----------------------------------------------------------------------------- eval / viz

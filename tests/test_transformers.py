@@ -162,6 +162,30 @@ def test_enable_twice_keeps_previous_implementation_and_validates():
         enable_moba(make_model(), block_size=BS, topk=0)
     with pytest.raises(ValueError, match="config.moba"):
         enable_moba(make_model())
+    with pytest.raises(TypeError, match="deterministic"):
+        enable_moba(make_model(), block_size=BS, topk=K, deterministic="yes")
+
+
+def test_deterministic_setting_reaches_the_op_and_is_kept(monkeypatch):
+    seen = []
+    real = hf.moba_attn_func
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["deterministic"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "moba_attn_func", spy)
+    model = enable_moba(make_model(), block_size=BS, topk=K)
+    x = ids(1, 40)
+    want = logits(model, x)
+    assert model.config.moba["deterministic"] is False and seen == [False, False]
+    enable_moba(model, block_size=BS, topk=K, deterministic=True)
+    assert model.config.moba["deterministic"] is True
+    enable_moba(model)  # no arguments: the stored settings, deterministic included
+    assert model.config.moba["deterministic"] is True
+    seen.clear()
+    assert torch.equal(logits(model, x), want)  # the forward is the same either way
+    assert seen == [True, True]  # one call per layer
 
 
 @pytest.mark.parametrize("decode", ["moba", "full"])

@@ -92,6 +92,7 @@ class MobaSettings:
     decode: str = "moba"
     backend: str = "auto"
     previous_attn_implementation: str = "sdpa"
+    deterministic: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -441,7 +442,7 @@ def _moba_prefill(query, key, value, rows: _Rows, seg, past: int, s: MobaSetting
     tk = key.shape[2]
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, T, H, D]
     common = {"block_size": s.block_size, "topk": s.topk, "softmax_scale": scaling,
-              "backend": s.backend}
+              "backend": s.backend, "deterministic": s.deterministic}
     if rows.valid is None and seg is None:
         return moba_attn_func(q, k, v, validate=False, **common)
     dev = query.device
@@ -613,7 +614,8 @@ def _attention_modules(model):
 
 
 def enable_moba(model, *, block_size: int | None = None, topk: int | None = None,
-                full_attn_layers=(), decode: str = "moba", backend: str = "auto"):
+                full_attn_layers=(), decode: str = "moba", backend: str = "auto",
+                deterministic: bool = False):
     """Switch a transformers model to MoBA attention (in place; returns the model).
 
     Args:
@@ -628,6 +630,8 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
             (sparse decode with cached block centroids); ``"full"`` makes every call that has
             cached keys dense, as the paper decodes.
         backend: passed to ``moba_attn_varlen_func`` (``"auto"``: Triton on CUDA, else torch).
+        deterministic: passed to ``moba_attn_varlen_func``: fixed-order gradient reductions,
+            so that training runs repeat bit for bit (slower backward on CUDA).
 
     Raises:
         ValueError for bad settings, out-of-range layer indices, models without
@@ -637,7 +641,7 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
     if block_size is None and topk is None:
         saved = MobaSettings.from_config(model.config)
         block_size, topk = saved.block_size, saved.topk
-        decode, backend = saved.decode, saved.backend
+        decode, backend, deterministic = saved.decode, saved.backend, saved.deterministic
         full_attn_layers = saved.full_attn_layers if full_attn_layers == () else full_attn_layers
     elif block_size is None or topk is None:
         raise ValueError("pass both block_size and topk (or neither, to restore config.moba)")
@@ -669,8 +673,10 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
     prev = model.config._attn_implementation
     if prev == ATTN_NAME:
         prev = MobaSettings.from_config(model.config).previous_attn_implementation
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     settings = MobaSettings(block_size, topk, tuple(sorted(set(full))), decode, backend,
-                            prev or "sdpa")
+                            prev or "sdpa", deterministic)
     configs = {id(model.config): model.config}
     configs.update({id(m.config): m.config for m in mods})
     for cfg in configs.values():

@@ -87,6 +87,12 @@ def _add_model_args(p: argparse.ArgumentParser, *, single: bool) -> None:
         metavar="MIN",
         help="stop (checkpointed) after MIN minutes; rerun to continue",
     )
+    g.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="bit-identical reruns on CUDA: MoBA's backward and PyTorch's kernels reduce in a "
+        "fixed order (slower)",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("data")
     g.add_argument(
@@ -136,6 +142,7 @@ def _config(args, attn: str) -> TrainConfig:
         corpus=args.corpus,
         tokenizer=args.tokenizer,
         retrieval_frac=args.retrieval_frac,
+        deterministic=args.deterministic,
         eval_every=args.eval_every,
         eval_batches=args.eval_batches,
         ckpt_every=args.ckpt_every,

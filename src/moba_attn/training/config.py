@@ -161,6 +161,7 @@ class TrainConfig:
     log_every: int = 1
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     device: str = "auto"
+    deterministic: bool = False  # bit-identical reruns: fixed-order reductions (see trainer)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> TrainConfig:

@@ -94,6 +94,7 @@ class AttentionSwitch:
                 topk=self.cfg.topk,
                 full_attn_layers=tuple(self.cfg.full_attn_layers),
                 decode=self.cfg.decode,
+                deterministic=self.cfg.deterministic,
             )
         elif mode == "full":
             disable_moba(self.model)

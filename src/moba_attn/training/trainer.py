@@ -74,6 +74,25 @@ def autocast_for(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """PyTorch's deterministic-algorithms switch, on for the block and restored after.
+
+    With ``on=False`` nothing changes. On CUDA, cuBLAS also needs ``CUBLAS_WORKSPACE_CONFIG``
+    set before its first matmul in the process (``Run`` sets it when its config asks).
+    """
+    if not on:
+        yield
+        return
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warm-up for ``cfg.warmup`` steps, then cosine decay to ``lr * min_lr_frac``."""
     if cfg.warmup and step < cfg.warmup:
@@ -155,6 +174,8 @@ class Run:
                     f"cannot resume {ckpt} with different settings ({'; '.join(diff)})"
                 )
         self.cfg = cfg
+        if cfg.deterministic:  # read by cuBLAS when it first runs in this process
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.corpus = corpus or load_corpus(cfg.data, cfg.tokenizer, cfg.corpus)
         self.hf_config = model_config(cfg, self.corpus.vocab_size, self.corpus.sep_id)
         self.model = build_model(self.hf_config, cfg.seed).to(self.device)
@@ -207,12 +228,13 @@ class Run:
         model.train()
         _sync(self.device)
         t0 = time.perf_counter()
-        with autocast_for(self.device, cfg.dtype):
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with deterministic_algorithms(cfg.deterministic):
+            with autocast_for(self.device, cfg.dtype):
+                loss = model(input_ids=x, labels=x).loss
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         loss_v = float(loss.detach())
         _sync(self.device)
         dt = time.perf_counter() - t0
