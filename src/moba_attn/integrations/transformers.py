@@ -631,7 +631,7 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
             cached keys dense, as the paper decodes.
         backend: passed to ``moba_attn_varlen_func`` (``"auto"``: Triton on CUDA, else torch).
         deterministic: passed to ``moba_attn_varlen_func``: fixed-order gradient reductions,
-            so that training runs repeat bit for bit (slower backward on CUDA).
+            so that training runs repeat bit for bit.
 
     Raises:
         ValueError for bad settings, out-of-range layer indices, models without

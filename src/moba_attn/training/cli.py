@@ -91,7 +91,7 @@ def _add_model_args(p: argparse.ArgumentParser, *, single: bool) -> None:
         "--deterministic",
         action="store_true",
         help="bit-identical reruns on CUDA: MoBA's backward and PyTorch's kernels reduce in a "
-        "fixed order (slower)",
+        "fixed order",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("data")
