@@ -34,7 +34,9 @@
 #   LOOP_MINUTES=6 bash benchmarks/compare_gpus.sh               # last call: reports
 # Results: OUT/compare.tgz (summary.{md,csv,json}, compare.png, eval/, each variant's
 # metrics.csv, loss.png, config.json and summary.json, the plan and every process's log; no
-# checkpoints; rewritten after each stage) and OUT/summary.md.
+# checkpoints; rewritten after each stage) and OUT/summary.md. A device named more than once
+# (GPUS="0 0" on one GPU) runs several training processes on it at once: they time-slice it,
+# and summary.md ends with a note that its tokens/s are contended figures.
 #
 # Settings (environment):
 #   GPUS             CUDA device ids, one training process each, e.g. "1 2 3"; "cpu" = the CPU
@@ -289,6 +291,11 @@ if [ "$RC" != 0 ] || [ ! -e "$CMP/summary.md" ]; then
   say "report stage exit $RC:"; tail -n 30 "$LOGS/report.log"
   [ -e "$CMP/summary.md" ] && cp "$CMP/summary.md" "$OUT/summary.md"
   exit 1
+fi
+SHARED=$(printf '%s\n' "${DEVS[@]}" | sort | uniq -d | paste -sd, -)
+if [ -n "$SHARED" ]; then  # e.g. GPUS="0 0" on a one-GPU machine
+  printf '\n%s\n' "Devices shared: GPUS=\"${DEVS[*]}\" ran several training processes on device(s) $SHARED at once, so the tokens/s above are contended figures, not a speed comparison (the probe's seconds per step, timed the same way, are in plan.json)." >>"$CMP/summary.md"
+  pack
 fi
 cp "$CMP/summary.md" "$OUT/summary.md"
 say "done: $OUT/compare.tgz, $OUT/summary.md"

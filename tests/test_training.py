@@ -578,11 +578,12 @@ def test_compare_split_over_processes_then_one_report(tmp_path, capsys):
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_compare_gpus_script_spans_calls(tmp_path):
     """benchmarks/compare_gpus.sh: a first call plans and stops at its loop limit; a second
-    call with the same RUNS keeps the saved plan (no probe, same steps) and reports."""
+    call with the same RUNS keeps the saved plan (no probe, same steps) and reports, saying
+    that the two processes shared one device."""
     root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
-        "GPUS": "cpu", "PRESET": "tiny", "CORPUS": "stdlib", "VARIANTS": "full,moba",
+        "GPUS": "cpu cpu", "PRESET": "tiny", "CORPUS": "stdlib", "VARIANTS": "full,moba",
         "EXTRA": "--seq-len 256 --batch-size 2 --eval-seqs 2 --eval-samples 1",
         "RUNS": str(tmp_path / "runs"), "OUT": str(tmp_path / "out"), "PYTHON": sys.executable,
     }
@@ -600,4 +601,6 @@ def test_compare_gpus_script_spans_calls(tmp_path):
     assert "resuming the plan" in second and "probe:" not in second
     with open(tmp_path / "runs" / "cmp" / "summary.csv", newline="") as f:
         assert [(r["variant"], r["steps"]) for r in csv.DictReader(f)] == [("full", "6"), ("moba", "6")]
-    assert (tmp_path / "out" / "summary.md").exists() and (tmp_path / "out" / "compare.tgz").exists()
+    assert (tmp_path / "out" / "compare.tgz").exists()
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert 'Devices shared: GPUS="cpu cpu"' in summary and "on device(s) cpu at once" in summary
