@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The Triton CPU interpreter (kernel tests without a GPU) needs numpy < 2.4 with triton 3.6.
 TRITON_SPEC ?= triton==3.6.0 numpy<2.4
 
-.PHONY: install bench test check clean
+.PHONY: install bench test check lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,9 @@ check: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests
 
 clean:
 	rm -rf $(VENV) bench_out runs
