@@ -50,8 +50,9 @@ PRESETS: dict[str, Preset] = {
         note="CPU smoke runs",
     ),
     # ~4.8M params, 8K context, block 512 / topk 3: the 8K setting at ~110 tokens per
-    # parameter (8000 steps x 8 x 8192 = 524M tokens, 1.35 passes over the `python` corpus),
-    # for held-out curves that flatten; the `mini` preset's 144M-token run was still falling.
+    # parameter (8000 steps x 8 x 8192 = 524M tokens, 1.35 passes over the `python` corpus).
+    # A 4731-step run (310M tokens) on one H200 was still falling 4-8% over its last 20%
+    # (benchmarks/RESULTS.md), like the `mini` preset's 144M-token run.
     "micro": Preset(
         "micro",
         256,
