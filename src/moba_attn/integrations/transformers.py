@@ -646,6 +646,8 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
     elif block_size is None or topk is None:
         raise ValueError("pass both block_size and topk (or neither, to restore config.moba)")
     _check_settings(block_size, topk, decode, backend)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     n_layers = max(m.layer_idx for m in mods) + 1
     n_layers = max(n_layers, int(getattr(mods[0].config, "num_hidden_layers", 0) or 0))
     full = []
@@ -673,8 +675,6 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
     prev = model.config._attn_implementation
     if prev == ATTN_NAME:
         prev = MobaSettings.from_config(model.config).previous_attn_implementation
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {deterministic!r}")
     settings = MobaSettings(block_size, topk, tuple(sorted(set(full))), decode, backend,
                             prev or "sdpa", deterministic)
     configs = {id(model.config): model.config}
