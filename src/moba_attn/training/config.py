@@ -70,9 +70,9 @@ PRESETS: dict[str, Preset] = {
         eval_every=250,
         note="GPU, ~4.8M params, 8K context, ~110 tokens per parameter",
     ),
-    # ~13M params, 8K context, block 512 / topk 3: the `small` setting at a size whose
-    # held-out curve can flatten within a few hundred million tokens (about 40 tokens per
-    # parameter at the default 6000 steps x 8 x 8192).
+    # ~13M params, 8K context, block 512 / topk 3: the `small` setting at about 40 tokens per
+    # parameter (the default 6000 steps x 8 x 8192). A 2192-step run (144M tokens) on two
+    # H200s was still falling 3.9-4.6% over its last 20% (benchmarks/RESULTS.md).
     "mini": Preset(
         "mini",
         384,
