@@ -227,12 +227,20 @@ def eighth_of_output(q) -> int:
     return min(q.numel() * q.element_size() // 8, ta.PART_MAX_BYTES) // 2
 
 
-PARTIALS = {"IN_PLACE": False}  # partials merged per pass, not in place
+PARTIALS = {"SCHEDULE": "partials"}  # partials merged per pass, not in place
+MASKED = {"SCHEDULE": "masked"}  # query tiles over their causal keys, masked per row
 PER_PASS = {**PARTIALS, "SHARED_SORT": False}  # partials, each pass sorts its own
 MB = 1 << 20
 SWEEP_VARIANTS = [  # (label, overrides of triton_attention's module settings; a callable
     # value is called with q)
     ("default", {}),
+    ("masked 128x64 w8", {**MASKED, "MASKED_CONFIG": (128, 64, 8, 3)}),
+    ("masked 128x64 w8, skip", {**MASKED, "MASKED_CONFIG": (128, 64, 8, 3), "MASKED_SKIP": True}),
+    ("masked 128x128 w8", {**MASKED, "MASKED_CONFIG": (128, 128, 8, 3)}),
+    ("masked 128x64 w8 s2", {**MASKED, "MASKED_CONFIG": (128, 64, 8, 2)}),
+    ("masked 64x64 w4", {**MASKED, "MASKED_CONFIG": (64, 64, 4, 3)}),
+    ("masked 64x128 w4", {**MASKED, "MASKED_CONFIG": (64, 128, 4, 3)}),
+    ("in place", {"SCHEDULE": "in-place"}),
     ("default, mul-add softmax", {"FWD_FMA": False}),
     ("partials, 256 MB floor", PARTIALS),
     ("partials, 256 MB floor, sort per pass", PER_PASS),
@@ -262,13 +270,14 @@ def fwd_sweep(log, jobs, pick=".*"):
     to run match from their start."""
     variants = [v for v in SWEEP_VARIANTS if re.match(pick, v[0])]
     out = []
-    for name, t in jobs:
-        cfg = SETTINGS[name]
+    for job in jobs:
+        name, t = job[0], job[1]
+        cfg = {**SETTINGS[name], **({"block": job[2]} if len(job) > 2 else {})}
         bsz, topk = cfg["block"], cfg["topk"]
         cu, q, k, v, scale = make_inputs(cfg, t)
         layout = BlockLayout.build(cu, cu, bsz)
         sel = tg.gate_triton(q, k, layout, topk)
-        with patched(ta, {"PART_DTYPE": torch.float32, "IN_PLACE": False}):  # one fp32 merge
+        with patched(ta, {"PART_DTYPE": torch.float32, **PARTIALS}):  # one fp32 merge
             ref = ta._moba_forward(q, k, v, layout, sel, topk, scale)[0].float()
         for label, overrides in variants:
             values = {a: val(q) if callable(val) else val for a, val in overrides.items()}
@@ -285,14 +294,15 @@ def fwd_sweep(log, jobs, pick=".*"):
                             return ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz,
                                                        topk=topk, softmax_scale=scale)
                     ms = time_ms(whole, False)
-                    rec = {"setting": name, "T": t, "variant": label, "attn_ms": attn,
+                    rec = {"setting": name, "T": t, "block": bsz, "variant": label,
+                           "schedule": ta.LAST_SCHEDULE, "attn_ms": attn,
                            "moba_ms": ms, "peak_gb": peak_gb(whole), "max_diff": diff}
             except Exception as err:  # noqa: BLE001  a tile shape the compiler refuses
                 rec = {"setting": name, "T": t, "variant": label,
                        "error": str(err).splitlines()[0][:150]}
             log("sweep " + json.dumps(rec))
             out.append(rec)
-        if (name, t) == jobs[0]:
+        if job == jobs[0]:
             out.append({"setting": name, "T": t, "breakdown": kernel_breakdown(
                 lambda: ta.moba_attn_triton(q, k, v, cu, cu, t, t, block_size=bsz, topk=topk,
                                             softmax_scale=scale), log)})
@@ -351,7 +361,8 @@ def main(argv=None):
                     help="regular expression: the --fwd-sweep variants whose labels it matches "
                          "from their start, e.g. '(default|sel)'")
     ap.add_argument("--sweep-jobs", default="flashmoba:8192,gqa:8192,gqa:32768,paper:131072,flashmoba:131072",
-                    help="settings of --fwd-sweep, e.g. paper:1048576")
+                    help="settings of --fwd-sweep, e.g. paper:1048576 or flashmoba:8192:b256 "
+                         "(another block size)")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -368,7 +379,8 @@ def main(argv=None):
     if args.gate_sweep:
         gate_sweep(log)
     if args.fwd_sweep:
-        sweep_jobs = [(j.split(":")[0], int(j.split(":")[1])) for j in args.sweep_jobs.split(",")]
+        sweep_jobs = [(j.split(":")[0], int(j.split(":")[1]), *[int(b[1:]) for b in j.split(":")[2:]])
+                      for j in args.sweep_jobs.split(",")]
         sweep = fwd_sweep(log, tuple(sweep_jobs), args.sweep_variants)
         with open(os.path.join(args.out, "gpu_forward_sweep.json"), "w") as fh:
             json.dump({"machine": machine(), "sweep": sweep}, fh, indent=1)

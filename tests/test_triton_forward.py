@@ -177,18 +177,49 @@ def _aid(c):
     return _gid(c[:7]) + f"-{str(c[7]).split('.')[-1]}"
 
 
-SCHEDULES = pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "partials"])
+SCHEDULES = pytest.mark.parametrize("schedule", ta.SCHEDULES)
 
 
 @SCHEDULES
 @pytest.mark.parametrize("case", ATTN_CASES, ids=_aid)
-def test_attention_given_selection(monkeypatch, case, in_place):
-    # both schedules: selected blocks merged into the output in place, one launch per slot,
-    # or through partial buffers merged per pass
-    monkeypatch.setattr(ta, "IN_PLACE", in_place)
+def test_attention_given_selection(monkeypatch, case, schedule):
+    # every schedule: query tiles over their causal keys masked by the selection, or the
+    # gathered blocks merged into the output in place (one launch per slot) or through
+    # partial buffers merged per pass
+    monkeypatch.setattr(ta, "SCHEDULE", schedule)
     lq, lk, hq, hkv, d, bsz, topk, dtype = case
     q, k, v = make_qkv(sum(lq), sum(lk), hq, hkv, d, dtype)
     check_attention(q, k, v, cu(lq), cu(lk), bsz, topk, floor=1e-5 if dtype == torch.float32 else 1e-4)
+
+
+def test_masked_skip_is_bitwise_equal(monkeypatch):
+    # branching around key tiles no row of the query tile chose changes no bit: a fully
+    # masked tile adds exact zeros to the running sums
+    monkeypatch.setattr(ta, "SCHEDULE", "masked")
+    q, k, v, layout, sel = routed([40, 300, 129], 16, 3, 4, 2, 32, torch.float32)
+    base = ta._moba_forward(q, k, v, layout, sel, 3, 0.2)
+    monkeypatch.setattr(ta, "MASKED_SKIP", True)
+    skip = ta._moba_forward(q, k, v, layout, sel, 3, 0.2)
+    assert torch.equal(base[0], skip[0]) and torch.equal(base[1], skip[1])
+
+
+def test_schedule_rule(monkeypatch):
+    # masked_waste: causal keys over attended keys, in blocks (own block counts one half)
+    layout = BlockLayout.build(cu([64]), cu([64]), 16)  # rows have 0, 1, 2, 3 earlier blocks
+    assert ta.masked_waste(layout, 1) == pytest.approx((16 * 6 + 32) / (16 * 3 + 32))
+    assert ta.masked_waste(layout, 3) == pytest.approx(1.0)
+    # short sequences of small blocks: masked; long ones: a gather schedule
+    short = BlockLayout.build(cu([2048, 2048]), cu([2048, 2048]), 128)
+    long = BlockLayout.build(cu([65536]), cu([65536]), 128)
+    assert ta._schedule(short, 64.0, 64, 7) == "masked"
+    assert ta._schedule(long, 64.0, 64, 7) in ("in-place", "partials")
+    big = BlockLayout.build(cu([2048]), cu([2048]), 512)  # blocks that gather efficiently
+    assert ta._schedule(big, 1e6, 64, 1) == "in-place"
+    monkeypatch.setattr(ta, "SCHEDULE", "partials")
+    assert ta._schedule(short, 64.0, 64, 7) == "partials"
+    monkeypatch.setattr(ta, "SCHEDULE", "in place")
+    with pytest.raises(ValueError, match="in-place"):
+        ta._schedule(short, 64.0, 64, 7)
 
 
 @pytest.mark.parametrize("fma", [True, False], ids=["fma", "mul-add"])
@@ -209,7 +240,7 @@ def routed(lens, bsz, topk, hq, hkv, d, dtype):
 
 @pytest.mark.parametrize("shared_sort", [True, False], ids=["shared-sort", "sort-per-pass"])
 def test_pass_splits_match_one_pass(monkeypatch, shared_sort):
-    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
+    monkeypatch.setattr(ta, "SCHEDULE", "partials")
     # all kv heads in one pass vs groups of kv heads vs one kv head over row chunks; the
     # passes either share one sort of all entries (bucketed by kv head, row chunk and block)
     # or sort their own
@@ -232,7 +263,7 @@ def test_pass_splits_match_one_pass(monkeypatch, shared_sort):
 
 
 def test_partial_dtype_and_key_width_do_not_change_routing(monkeypatch):
-    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
+    monkeypatch.setattr(ta, "SCHEDULE", "partials")
     # fp16 inputs: fp16 partials (default) vs fp32 partials, int16 vs int32 sort keys
     topk = 4
     q, k, v, layout, sel = routed([40, 300], 16, topk, 4, 2, 32, torch.float16)
@@ -382,11 +413,23 @@ def test_gpu_block_size_classes(bsz, dtype):
 
 
 @gpu
+@pytest.mark.parametrize("bsz,d", [(b, 128) for b in BLOCK_CLASSES[:7]] + [(128, 256), (64, 64)],
+                         ids=[f"B{b}-D128" for b in BLOCK_CLASSES[:7]] + ["B128-D256", "B64-D64"])
+def test_gpu_masked_schedule(monkeypatch, bsz, d):
+    # the query-tile-major schedule at every block class it can take, two sequences
+    monkeypatch.setattr(ta, "SCHEDULE", "masked")
+    lens = [max(1000, int(4.5 * bsz)), 777]
+    q, k, v = make_qkv(sum(lens), sum(lens), 4, 2, d, torch.bfloat16)
+    check_attention(q, k, v, cu(lens), cu(lens), bsz, 4, rows=_sample_rows(sum(lens)),
+                    floor=1e-4)
+
+
+@gpu
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @SCHEDULES
-def test_gpu_varlen_gqa(monkeypatch, d, dtype, in_place):
-    monkeypatch.setattr(ta, "IN_PLACE", in_place)
+def test_gpu_varlen_gqa(monkeypatch, d, dtype, schedule):
+    monkeypatch.setattr(ta, "SCHEDULE", schedule)
     lq = [1, 100, 0, 3000, 37, 9000, 2]
     lk = [1, 100, 0, 3000, 500, 9000, 4000]  # some Tq < Tk (chunked prefill, decode)
     q, k, v = make_qkv(sum(lq), sum(lk), 8, 2, d, dtype)
@@ -399,8 +442,8 @@ def test_gpu_long_multichunk_setting(monkeypatch):
     t = 65536
     q, k, v = make_qkv(t, t, 4, 4, 128, torch.bfloat16)
     monkeypatch.setattr(ta, "PART_CHUNK_ELEMS", 1 << 22)
-    for in_place in (True, False):
-        monkeypatch.setattr(ta, "IN_PLACE", in_place)
+    for schedule in ta.SCHEDULES:
+        monkeypatch.setattr(ta, "SCHEDULE", schedule)
         check_attention(q, k, v, cu([t]), cu([t]), 128, 8, rows=_sample_rows(t, 256), floor=1e-4)
 
 
@@ -410,7 +453,7 @@ def test_gpu_kv_head_group_passes(monkeypatch):
     # then a budget under one kv head's: one kv head at a time over row chunks
     t, hq, hkv, d, topk = 6000, 8, 4, 128, 5
     q, k, v = make_qkv(t, t, hq, hkv, d, torch.bfloat16)
-    monkeypatch.setattr(ta, "IN_PLACE", False)  # the partials schedule
+    monkeypatch.setattr(ta, "SCHEDULE", "partials")
     per_head = t * (hq // hkv) * (topk - 1) * d
     for budget in (2 * per_head, per_head // 3):
         monkeypatch.setattr(ta, "PART_CHUNK_ELEMS", budget)

@@ -1,7 +1,14 @@
 """MoBA forward in Triton: kernels -> launchers -> autograd Function -> ``moba_attn_triton``.
 
-Schedule (exact per-token routing; see ``naive.py`` for the rule):
-  1. gate (``triton_gate``): fp32 centroids, fused scores + top-(k-1) -> ``sel [T, Hq, k-1]``;
+Schedules (exact per-token routing; see ``naive.py`` for the rule). The gate
+(``triton_gate``: fp32 centroids, fused scores + top-(k-1)) gives ``sel [T, Hq, k-1]``; then
+``_schedule`` picks one of:
+  - masked (query-tile-major, ``_masked_tile_kernel``): one launch; each query tile runs a
+    flash-attention loop over every causal key from its lowest selected block, masked per
+    row by the selection. Writes the output and LSE directly (no sort, no partial buffer) but
+    computes the keys of blocks its rows did not choose: used for short sequences of small
+    blocks (``MASKED_MAX_WASTE``), where gathering costs more than that waste.
+  - key-block-major gather, steps 2-3 below, in place or through partials.
   2. (row, q head, slot) entries get a bucket key ``(kv head, selected block)``
      (``_bucket_key_kernel``), are sorted by it (``torch.sort``, on device, no host sync) and
      cut into dense tiles of up to BM entries that all use ONE key block of one kv head:
@@ -9,7 +16,7 @@ Schedule (exact per-token routing; see ``naive.py`` for the rule):
      block (the key-block-major "gather" schedule);
   3. ``_diag_merge_kernel`` runs the causal own-block attention of every query tile (a plain
      block-diagonal causal attention).
-The selected blocks' results reach the output in one of two ways (``_in_place`` picks):
+The gathered blocks' results reach the output in one of two ways:
   - in place: step 3 runs first and writes the output and LSE; then one sort and one
     ``_sel_block_kernel`` launch per slot ``j`` (the j-th selected block of every row and
     head), each merging its tiles' results into the output by LSE. A launch holds each
@@ -25,7 +32,7 @@ The selected blocks' results reach the output in one of two ways (``_in_place`` 
     the passes share one sort of every entry, bucketed by (kv head, row chunk, block)
     (``SHARED_SORT``): each pass then launches only its two attention kernels on its window
     of buckets. Longer calls sort each pass's entries apart.
-Both attention kernels share one online-softmax step (``_online_softmax_step``).
+The attention kernels share one online-softmax step (``_online_softmax_step``).
 When MoBA is exactly dense causal (every sequence has ``Tk <= topk * block_size``) on CUDA
 the op calls cuDNN attention instead, forward and backward (with ``deterministic=True`` the
 backward stays the Triton one). Host copies of ``cu_seqlens`` and the block layouts
@@ -64,14 +71,24 @@ PART_MIN_BYTES = 256 << 20
 # 2026-11-28), and longer calls have few, long passes whose own sorts cost little.
 SHARED_SORT = True
 SHARED_SORT_MAX_ENTRIES = 1 << 24
-# Selected blocks merge into the output in place, one launch per slot (True), or through
-# partial buffers (False); None: ``_in_place`` decides: in place when a (slot, kv head, block)
-# window averages at least IN_PLACE_MIN_TILES entry tiles. H200 sweep, 2026-11-28
-# (benchmarks/RESULTS.md): in place was 5% faster to 5% slower at 32 entry tiles per window
-# (paper 128K and 1M, GQA 8K and 32K) and cut the peak 1.1-2.7x; at 2 tiles per window
-# (FlashMoBA, blocks of 128) the ragged last tiles and per-slot launches made it 8-61% slower.
-IN_PLACE: bool | None = None
+# Schedule of the selected blocks: "masked" (query-tile-major, ``_masked_tile_kernel``),
+# "in-place" (key-block-major, merged into the output one launch per slot) or "partials"
+# (key-block-major through partial buffers); None: ``_schedule`` decides.
+#  - masked when the tile loops' keys (every causal key from the lowest selected block) are
+#    at most MASKED_MAX_WASTE times the keys MoBA attends: short sequences of many small
+#    blocks, where gathering costs more than the wasted dense work.
+#  - else in place when a (slot, kv head, block) window averages at least
+#    IN_PLACE_MIN_TILES entry tiles. H200 sweep, 2026-11-28 (benchmarks/RESULTS.md): in place
+#    was 5% faster to 5% slower at 32 entry tiles per window (paper 128K and 1M, GQA 8K and
+#    32K) and cut the peak 1.1-2.7x; at 2 tiles per window (FlashMoBA, blocks of 128) the
+#    ragged last tiles and per-slot launches made it 8-61% slower.
+SCHEDULE: str | None = None
+SCHEDULES = ("masked", "in-place", "partials")
 IN_PLACE_MIN_TILES = 8
+MASKED_MAX_WASTE = 5.0
+MASKED_MAX_BLOCK = 256  # larger blocks gather efficiently: the masked schedule never wins
+MASKED_SKIP = False  # the masked loop branches around key tiles that no row of its tile chose
+MASKED_CONFIG: tuple | None = None  # override ``(BM, BN, warps, stages)`` of the masked kernel
 # Online softmax with the scale folded into one FMA per score and P @ V accumulated in the MMA
 # (True), or a separate scale multiply and accumulator add (False).
 FWD_FMA = True
@@ -79,6 +96,7 @@ PART_MAX_BYTES = 4 << 30
 INT16_KEYS_MAX = (1 << 15) - 1  # passes with fewer buckets sort int16 keys
 FWD_CONFIG: tuple | None = None  # override of ``_configs`` (benchmarks sweep tile shapes)
 LAST_PATH = ""  # which path the last forward took: "cudnn-dense", "kernels" or "torch"
+LAST_SCHEDULE = ""  # the schedule of the last forward on the kernels (``SCHEDULES``, or "diag")
 POISON = False  # debugging/tests: fill outputs and partial buffers with NaN before the kernels
 _warned: set[str] = set()
 
@@ -278,6 +296,89 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
     tl.store(LSE + h * total_q + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=rmask)
 
 
+@triton.jit
+def _masked_tile_kernel(Q, K, V, O, LSE, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE, ROW_FIRST,
+                        BLK_START, K1, block_size, total_q, scale2,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                        stride_ot, stride_oh, stride_st, stride_sh,
+                        GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
+                        BN: tl.constexpr, K1P: tl.constexpr, IEEE: tl.constexpr,
+                        FMA: tl.constexpr, SKIP: tl.constexpr):
+    """The query-tile-major ("masked") schedule: one query tile of one q head runs a
+    flash-attention loop over every key from the tile's lowest selected block to its last
+    causal key; a key tile (``BN`` divides the block size, so it lies in one block) counts
+    for the rows that selected its block, plus each row's own-block causal keys. Writes the
+    final output and LSE; no sort, no partials. Exact per row; wasted work where the rows of
+    a tile disagree (``SKIP``: key tiles no row selected are skipped by a branch)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // GROUP
+    rs = tl.load(TILE_RS + t)
+    re = tl.load(TILE_RE + t)
+    rows = rs + tl.arange(0, BM)  # [BM] int64
+    rmask = rows < re
+    ks = tl.load(ROW_KS + rows, mask=rmask, other=9223372036854775807)  # own block's first key
+    ke = tl.load(ROW_KE + rows, mask=rmask, other=0)  # one past the row's own key
+    own_lo = tl.min(ks, axis=0)
+    hi = tl.max(ke, axis=0)
+    first = tl.load(ROW_FIRST + rs)  # the sequence's first block (a tile is in one sequence)
+    kseq0 = tl.load(BLK_START + first)
+    jj = tl.arange(0, K1P)
+    blk = tl.load(SEL + rows[:, None] * stride_st + h * stride_sh + jj[None, :],
+                  mask=rmask[:, None] & (jj[None, :] < K1), other=-1).to(tl.int64)  # [BM, K1P]
+    low = tl.min(tl.where(blk >= 0, blk, 1 << 40), axis=1)
+    low = tl.min(low, axis=0)  # the tile's lowest selected block
+    lo = tl.where(low < (1 << 40), kseq0 + (low - first) * block_size, own_lo)
+    lo = tl.minimum(lo, own_lo)
+    d = tl.arange(0, D)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=rmask[:, None], other=0.0)  # [BM, D]
+    n = tl.arange(0, BN)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    # past keys of every row of the tile: only the selection masks them
+    for n0 in range(lo, own_lo, BN):
+        b = first + (n0 - kseq0) // block_size
+        hit = tl.max((blk == b).to(tl.int32), axis=1) > 0  # [BM] rows that selected block b
+        if SKIP:
+            go = tl.max(hit.to(tl.int32), axis=0) > 0
+        else:
+            go = True
+        if go:
+            kidx = n0 + n  # [BN] int64
+            kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :])
+            if IEEE:
+                qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
+            qk = tl.where(hit[:, None], qk, float("-inf"))
+            vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])
+            m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+    # keys from the first own block on: own-block causal keys, or (rows whose own block
+    # starts later, with blocks shorter than the tile) a selected block
+    for n0 in range(own_lo, hi, BN):
+        b = first + (n0 - kseq0) // block_size
+        hit = tl.max((blk == b).to(tl.int32), axis=1) > 0
+        kidx = n0 + n
+        kmask = kidx < hi
+        kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        if IEEE:
+            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
+        else:
+            qk = tl.dot(q, tl.trans(kt))
+        ok = ((kidx[None, :] >= ks[:, None]) & (kidx[None, :] < ke[:, None])) | hit[:, None]
+        qk = tl.where(ok, qk, float("-inf"))  # the running max stays finite: m_i starts at -1e30
+        vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                     mask=kmask[:, None], other=0.0)
+        m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+    out = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
+             out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + h * total_q + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=rmask)
+
+
 # ----------------------------------------------------------------------------- launchers
 def unsupported_reason(q: torch.Tensor, block_size: int, topk: int) -> str | None:
     """Why the Triton path cannot run this call (``None`` when it can)."""
@@ -423,6 +524,7 @@ def _arange_cached(layout: BlockLayout, n: int, dtype, device) -> torch.Tensor:
 
 def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     """Attention given the selection: ``(out [T, Hq, D] q.dtype, lse [Hq, T] fp32)``."""
+    global LAST_SCHEDULE
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     group = hq // hkv
@@ -443,9 +545,25 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     ts_np, te_np, tile_rs, tile_re, row_ks, row_ke = _tiles_for(layout, q.device, diag_bm)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
 
+    schedule = _schedule(layout, est, sel_bm, k1) if k1 > 0 else "diag"
+    LAST_SCHEDULE = schedule
+    if sel.stride(2) != 1:
+        sel = sel.contiguous()
+    if schedule == "masked":  # one launch: every query tile over its causal keys, masked
+        bm, bn, warps, st = _masked_config(d, bsz)
+        m_ts, _, m_rs, m_re, _, _ = _tiles_for(layout, q.device, bm)
+        _masked_tile_kernel[(m_ts.shape[0], hq)](
+            q, k, v, out, lse, sel, m_rs, m_re, row_ks, row_ke, layout.row_first,
+            layout.blk_start, k1, bsz, total_q, scale2, *common, out.stride(0), out.stride(1),
+            sel.stride(0), sel.stride(1), GROUP=group, D=d, BM=bm, BN=bn,
+            K1P=triton.next_power_of_2(k1), IEEE=ieee, FMA=FWD_FMA, SKIP=MASKED_SKIP,
+            num_warps=warps, num_stages=st,
+        )
+        return out, lse
+
     # own-block causal attention of every row and head, one launch; with k1 == 0 that is
     # the whole answer, with the in-place schedule the selected blocks merge into it
-    in_place = k1 > 0 and _in_place(est, sel_bm, k1)
+    in_place = schedule == "in-place"
     if k1 == 0 or in_place:
         _diag_merge_kernel[(ts_np.shape[0], hq)](
             q, k, v, out, lse, lse, lse, sel, tile_rs, tile_re, row_ks, row_ke,
@@ -456,8 +574,6 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         if k1 == 0:
             return out, lse
 
-    if sel.stride(2) != 1:
-        sel = sel.contiguous()
     if in_place:  # one pass per slot, no partial buffer
         passes = [(0, hkv, 0, ts_np.shape[0], 0, total_q)]
         part_o = part_l = lse
@@ -547,14 +663,44 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     return out, lse
 
 
-def _in_place(est: float, sel_bm: int, k1: int) -> bool:
-    """Whether the selected blocks merge into the output in place, one launch per slot (no
-    partial buffer), rather than through partials merged per pass. ``est``: entries per (kv
-    head, block) bucket; one launch per slot cuts every bucket into ``k1`` windows with a
-    ragged last tile each."""
-    if IN_PLACE is not None:
-        return IN_PLACE
-    return est / k1 >= IN_PLACE_MIN_TILES * sel_bm
+def _schedule(layout: BlockLayout, est: float, sel_bm: int, k1: int) -> str:
+    """``SCHEDULE`` when set, else: "masked" for short sequences of small blocks (its wasted
+    keys within ``MASKED_MAX_WASTE``), "in-place" when the (slot, kv head, block) windows are
+    long, "partials" otherwise. ``est``: entries per (kv head, block) bucket; one launch per
+    slot cuts every bucket into ``k1`` windows with a ragged last tile each."""
+    if SCHEDULE is not None:
+        if SCHEDULE not in SCHEDULES:
+            raise ValueError(f"triton_attention.SCHEDULE={SCHEDULE!r}; use one of {SCHEDULES} "
+                             "or None")
+        return SCHEDULE
+    if layout.block_size <= MASKED_MAX_BLOCK and masked_waste(layout, k1) <= MASKED_MAX_WASTE:
+        return "masked"
+    return "in-place" if est / k1 >= IN_PLACE_MIN_TILES * sel_bm else "partials"
+
+
+def masked_waste(layout: BlockLayout, k1: int) -> float:
+    """Keys the masked schedule runs (every causal key of a row) over the keys MoBA attends
+    (``k1`` earlier blocks and the own block's causal part), summed over rows; memoised."""
+    c = _layout_cache(layout)
+    key = ("waste", k1)
+    if key not in c:
+        earlier = (layout.row_own_np - layout.row_first_np).astype(np.float64)
+        half = 0.5 * earlier.size  # the own block's causal part, in blocks
+        c[key] = (earlier.sum() + half) / max(np.minimum(earlier, k1).sum() + half, 1e-9)
+    return c[key]
+
+
+def _masked_config(d: int, block_size: int):
+    """Tile shape ``(BM, BN, warps, stages)`` of the masked kernel; ``BN`` divides the
+    block size, so a key tile lies in one block."""
+    cap = _pow2_divisor(block_size)
+    if MASKED_CONFIG is not None:
+        bm, bn, warps, stages = MASKED_CONFIG
+        return bm, min(bn, cap), warps, stages
+    if _interpreting():
+        return 32, min(32, cap), 4, 1
+    bm = 128 if d <= 128 else 64
+    return bm, min(64 if d <= 128 else 32, cap), 8 if bm == 128 else 4, 2 if d > 128 else 3
 
 
 # ----------------------------------------------------------------------------- cu_seqlens memo
