@@ -234,12 +234,12 @@ MB = 1 << 20
 SWEEP_VARIANTS = [  # (label, overrides of triton_attention's module settings; a callable
     # value is called with q)
     ("default", {}),
-    ("masked 128x64 w8", {**MASKED, "MASKED_CONFIG": (128, 64, 8, 3)}),
-    ("masked 128x64 w8, skip", {**MASKED, "MASKED_CONFIG": (128, 64, 8, 3), "MASKED_SKIP": True}),
+    ("masked", MASKED),
     ("masked 128x128 w8", {**MASKED, "MASKED_CONFIG": (128, 128, 8, 3)}),
-    ("masked 128x64 w8 s2", {**MASKED, "MASKED_CONFIG": (128, 64, 8, 2)}),
     ("masked 64x64 w4", {**MASKED, "MASKED_CONFIG": (64, 64, 4, 3)}),
-    ("masked 64x128 w4", {**MASKED, "MASKED_CONFIG": (64, 128, 4, 3)}),
+    ("masked 128x64 w8", {**MASKED, "MASKED_CONFIG": (128, 64, 8, 3)}),
+    ("masked 128x128 w8 s4", {**MASKED, "MASKED_CONFIG": (128, 128, 8, 4)}),
+    ("masked 128x128 w4", {**MASKED, "MASKED_CONFIG": (128, 128, 4, 3)}),
     ("in place", {"SCHEDULE": "in-place"}),
     ("default, mul-add softmax", {"FWD_FMA": False}),
     ("partials, 256 MB floor", PARTIALS),

@@ -25,7 +25,7 @@ step() { tar czf "$FINAL/suite-$TAG.tgz" -C "$(dirname "$OUT")" "suite-$TAG"; ec
   python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } | tee "$OUT/machine.txt"
 
-MEMCHECK_TESTS="(gpu_varlen_gqa and bf16 and 64) or (gpu_bf16_grads and H8-Hkv4-D64-B64) or gpu_split_paths"
+MEMCHECK_TESTS="(gpu_varlen_gqa and bf16 and 64) or (gpu_bf16_grads and H8-Hkv4-D64-B64) or gpu_split_paths or (gpu_masked_schedule and B128-D128)"
 START=$(date +%s)
 # limit SECONDS: the part's own limit, cut to what is left before DEADLINE (seconds after start)
 limit() { local left=$(( ${DEADLINE:-100000} - ($(date +%s) - START) )); echo $(( left < $1 ? left : $1 )); }

@@ -192,34 +192,31 @@ def test_attention_given_selection(monkeypatch, case, schedule):
     check_attention(q, k, v, cu(lq), cu(lk), bsz, topk, floor=1e-5 if dtype == torch.float32 else 1e-4)
 
 
-def test_masked_skip_is_bitwise_equal(monkeypatch):
-    # branching around key tiles no row of the query tile chose changes no bit: a fully
-    # masked tile adds exact zeros to the running sums
-    monkeypatch.setattr(ta, "SCHEDULE", "masked")
-    q, k, v, layout, sel = routed([40, 300, 129], 16, 3, 4, 2, 32, torch.float32)
-    base = ta._moba_forward(q, k, v, layout, sel, 3, 0.2)
-    monkeypatch.setattr(ta, "MASKED_SKIP", True)
-    skip = ta._moba_forward(q, k, v, layout, sel, 3, 0.2)
-    assert torch.equal(base[0], skip[0]) and torch.equal(base[1], skip[1])
-
-
 def test_schedule_rule(monkeypatch):
-    # masked_waste: causal keys over attended keys, in blocks (own block counts one half)
+    # the cost model: masked runs every causal key, the gather pays per entry and per key
     layout = BlockLayout.build(cu([64]), cu([64]), 16)  # rows have 0, 1, 2, 3 earlier blocks
-    assert ta.masked_waste(layout, 1) == pytest.approx((16 * 6 + 32) / (16 * 3 + 32))
-    assert ta.masked_waste(layout, 3) == pytest.approx(1.0)
-    # short sequences of small blocks: masked; long ones: a gather schedule
-    short = BlockLayout.build(cu([2048, 2048]), cu([2048, 2048]), 128)
-    long = BlockLayout.build(cu([65536]), cu([65536]), 128)
-    assert ta._schedule(short, 64.0, 64, 7) == "masked"
-    assert ta._schedule(long, 64.0, 64, 7) in ("in-place", "partials")
-    big = BlockLayout.build(cu([2048]), cu([2048]), 512)  # blocks that gather efficiently
-    assert ta._schedule(big, 1e6, 64, 1) == "in-place"
+    monkeypatch.setattr(ta, "GATHER_ENTRY_NS", 0.0)
+    monkeypatch.setattr(ta, "GATHER_TFLOPS", 1.0)
+    # keys: masked 16 * (6 + 2) blocks per 16 rows; gather 16 * (3 + 2) at k - 1 = 1
+    monkeypatch.setattr(ta, "MASKED_TFLOPS", 8 / 5 - 1e-6)
+    assert not ta._masked_wins(layout, 1, 32)
+    monkeypatch.setattr(ta, "MASKED_TFLOPS", 8 / 5 + 1e-6)
+    assert ta._masked_wins(layout, 1, 32)
+    monkeypatch.undo()
+    # the fitted constants: FlashMoBA's 8K setting (blocks of 128, k - 1 = 7) goes masked,
+    # its 16K gathers; so do GQA's 8K (blocks of 512, k - 1 = 2) and the paper's 128K
+    def sched(lens, bsz, k1, est=64.0):
+        return ta._schedule(BlockLayout.build(cu(lens), cu(lens), bsz), est, 64, k1, 128)
+
+    assert sched([8192, 8192], 128, 7) == "masked"
+    assert sched([16384, 16384], 128, 7) == "partials"
+    assert sched([8192], 512, 2, est=8192 * 4 * 2 / 16) == "in-place"
+    assert sched([131072], 4096, 11, est=4096 * 11.0) == "in-place"
     monkeypatch.setattr(ta, "SCHEDULE", "partials")
-    assert ta._schedule(short, 64.0, 64, 7) == "partials"
+    assert sched([8192, 8192], 128, 7) == "partials"
     monkeypatch.setattr(ta, "SCHEDULE", "in place")
     with pytest.raises(ValueError, match="in-place"):
-        ta._schedule(short, 64.0, 64, 7)
+        sched([8192, 8192], 128, 7)
 
 
 @pytest.mark.parametrize("fma", [True, False], ids=["fma", "mul-add"])

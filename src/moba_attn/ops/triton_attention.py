@@ -7,7 +7,7 @@ Schedules (exact per-token routing; see ``naive.py`` for the rule). The gate
     flash-attention loop over every causal key from its lowest selected block, masked per
     row by the selection. Writes the output and LSE directly (no sort, no partial buffer) but
     computes the keys of blocks its rows did not choose: used for short sequences of small
-    blocks (``MASKED_MAX_WASTE``), where gathering costs more than that waste.
+    blocks, where gathering costs more than that waste (``_masked_wins``).
   - key-block-major gather, steps 2-3 below, in place or through partials.
   2. (row, q head, slot) entries get a bucket key ``(kv head, selected block)``
      (``_bucket_key_kernel``), are sorted by it (``torch.sort``, on device, no host sync) and
@@ -74,9 +74,11 @@ SHARED_SORT_MAX_ENTRIES = 1 << 24
 # Schedule of the selected blocks: "masked" (query-tile-major, ``_masked_tile_kernel``),
 # "in-place" (key-block-major, merged into the output one launch per slot) or "partials"
 # (key-block-major through partial buffers); None: ``_schedule`` decides.
-#  - masked when the tile loops' keys (every causal key from the lowest selected block) are
-#    at most MASKED_MAX_WASTE times the keys MoBA attends: short sequences of many small
-#    blocks, where gathering costs more than the wasted dense work.
+#  - masked when its modelled time is at most the gather's (``_masked_wins``): the masked
+#    loop runs every causal key at about MASKED_TFLOPS; the gather pays GATHER_ENTRY_NS per
+#    (row, head, selected block) entry plus its keys at about GATHER_TFLOPS. Fitted to the
+#    H200 sweep of 2026-11-29 (benchmarks/RESULTS.md): short sequences of blocks up to 256
+#    keys go masked (FlashMoBA's setting at 8K), longer ones and larger blocks gather.
 #  - else in place when a (slot, kv head, block) window averages at least
 #    IN_PLACE_MIN_TILES entry tiles. H200 sweep, 2026-11-28 (benchmarks/RESULTS.md): in place
 #    was 5% faster to 5% slower at 32 entry tiles per window (paper 128K and 1M, GQA 8K and
@@ -85,9 +87,9 @@ SHARED_SORT_MAX_ENTRIES = 1 << 24
 SCHEDULE: str | None = None
 SCHEDULES = ("masked", "in-place", "partials")
 IN_PLACE_MIN_TILES = 8
-MASKED_MAX_WASTE = 5.0
-MASKED_MAX_BLOCK = 256  # larger blocks gather efficiently: the masked schedule never wins
-MASKED_SKIP = False  # the masked loop branches around key tiles that no row of its tile chose
+MASKED_TFLOPS = 360.0
+GATHER_TFLOPS = 300.0
+GATHER_ENTRY_NS = 0.75
 MASKED_CONFIG: tuple | None = None  # override ``(BM, BN, warps, stages)`` of the masked kernel
 # Online softmax with the scale folded into one FMA per score and P @ V accumulated in the MMA
 # (True), or a separate scale multiply and accumulator add (False).
@@ -303,14 +305,16 @@ def _masked_tile_kernel(Q, K, V, O, LSE, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE, 
                         stride_ot, stride_oh, stride_st, stride_sh,
                         GROUP: tl.constexpr, D: tl.constexpr, BM: tl.constexpr,
                         BN: tl.constexpr, K1P: tl.constexpr, IEEE: tl.constexpr,
-                        FMA: tl.constexpr, SKIP: tl.constexpr):
+                        FMA: tl.constexpr):
     """The query-tile-major ("masked") schedule: one query tile of one q head runs a
     flash-attention loop over every key from the tile's lowest selected block to its last
     causal key; a key tile (``BN`` divides the block size, so it lies in one block) counts
     for the rows that selected its block, plus each row's own-block causal keys. Writes the
     final output and LSE; no sort, no partials. Exact per row; wasted work where the rows of
-    a tile disagree (``SKIP``: key tiles no row selected are skipped by a branch)."""
-    t = tl.program_id(0).to(tl.int64)
+    a tile disagree. (Branching around key tiles that no row chose cost 1.4x at FlashMoBA's
+    8K, H200 sweep 2026-11-29: it stops the loop's loads from being pipelined.)"""
+    # last tiles first: a sequence's later tiles have the longest loops
+    t = (tl.num_programs(0) - 1 - tl.program_id(0)).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     hk = h // GROUP
     rs = tl.load(TILE_RS + t)
@@ -341,20 +345,15 @@ def _masked_tile_kernel(Q, K, V, O, LSE, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE, 
     for n0 in range(lo, own_lo, BN):
         b = first + (n0 - kseq0) // block_size
         hit = tl.max((blk == b).to(tl.int32), axis=1) > 0  # [BM] rows that selected block b
-        if SKIP:
-            go = tl.max(hit.to(tl.int32), axis=0) > 0
+        kidx = n0 + n  # [BN] int64
+        kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :])
+        if IEEE:
+            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
         else:
-            go = True
-        if go:
-            kidx = n0 + n  # [BN] int64
-            kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :])
-            if IEEE:
-                qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
-            qk = tl.where(hit[:, None], qk, float("-inf"))
-            vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])
-            m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+            qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
+        qk = tl.where(hit[:, None], qk, float("-inf"))
+        vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])
+        m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
     # keys from the first own block on: own-block causal keys, or (rows whose own block
     # starts later, with blocks shorter than the tile) a selected block
     for n0 in range(own_lo, hi, BN):
@@ -545,7 +544,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     ts_np, te_np, tile_rs, tile_re, row_ks, row_ke = _tiles_for(layout, q.device, diag_bm)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
 
-    schedule = _schedule(layout, est, sel_bm, k1) if k1 > 0 else "diag"
+    schedule = _schedule(layout, est, sel_bm, k1, d) if k1 > 0 else "diag"
     LAST_SCHEDULE = schedule
     if sel.stride(2) != 1:
         sel = sel.contiguous()
@@ -556,7 +555,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
             q, k, v, out, lse, sel, m_rs, m_re, row_ks, row_ke, layout.row_first,
             layout.blk_start, k1, bsz, total_q, scale2, *common, out.stride(0), out.stride(1),
             sel.stride(0), sel.stride(1), GROUP=group, D=d, BM=bm, BN=bn,
-            K1P=triton.next_power_of_2(k1), IEEE=ieee, FMA=FWD_FMA, SKIP=MASKED_SKIP,
+            K1P=triton.next_power_of_2(k1), IEEE=ieee, FMA=FWD_FMA,
             num_warps=warps, num_stages=st,
         )
         return out, lse
@@ -663,31 +662,40 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     return out, lse
 
 
-def _schedule(layout: BlockLayout, est: float, sel_bm: int, k1: int) -> str:
-    """``SCHEDULE`` when set, else: "masked" for short sequences of small blocks (its wasted
-    keys within ``MASKED_MAX_WASTE``), "in-place" when the (slot, kv head, block) windows are
-    long, "partials" otherwise. ``est``: entries per (kv head, block) bucket; one launch per
-    slot cuts every bucket into ``k1`` windows with a ragged last tile each."""
+def _schedule(layout: BlockLayout, est: float, sel_bm: int, k1: int, d: int) -> str:
+    """``SCHEDULE`` when set, else: "masked" where ``_masked_wins``, "in-place" when the
+    (slot, kv head, block) windows are long, "partials" otherwise. ``est``: entries per (kv
+    head, block) bucket; one launch per slot cuts every bucket into ``k1`` windows with a
+    ragged last tile each."""
     if SCHEDULE is not None:
         if SCHEDULE not in SCHEDULES:
             raise ValueError(f"triton_attention.SCHEDULE={SCHEDULE!r}; use one of {SCHEDULES} "
                              "or None")
         return SCHEDULE
-    if layout.block_size <= MASKED_MAX_BLOCK and masked_waste(layout, k1) <= MASKED_MAX_WASTE:
+    if _masked_wins(layout, k1, d):
         return "masked"
     return "in-place" if est / k1 >= IN_PLACE_MIN_TILES * sel_bm else "partials"
 
 
-def masked_waste(layout: BlockLayout, k1: int) -> float:
-    """Keys the masked schedule runs (every causal key of a row) over the keys MoBA attends
-    (``k1`` earlier blocks and the own block's causal part), summed over rows; memoised."""
+def _masked_wins(layout: BlockLayout, k1: int, d: int) -> bool:
+    """Whether the masked schedule's modelled time is at most the gather's, summed over
+    rows: masked runs every key from the sequence's first block (random routing: some row
+    of the tile chose it) to the row, ``earlier * B + B / 2``, at ``MASKED_TFLOPS``; the
+    gather runs ``min(earlier, k1)`` entries of ``B`` keys, at ``GATHER_ENTRY_NS`` each (at
+    D=128) plus ``GATHER_TFLOPS``, and the own block's ``B / 2`` keys."""
     c = _layout_cache(layout)
-    key = ("waste", k1)
-    if key not in c:
-        earlier = (layout.row_own_np - layout.row_first_np).astype(np.float64)
-        half = 0.5 * earlier.size  # the own block's causal part, in blocks
-        c[key] = (earlier.sum() + half) / max(np.minimum(earlier, k1).sum() + half, 1e-9)
-    return c[key]
+    key = ("row_sums", k1)
+    if key not in c:  # host sums over every row, once per layout
+        earlier = layout.row_own_np - layout.row_first_np
+        c[key] = (float(earlier.sum()), float(np.minimum(earlier, k1).sum()), earlier.size)
+    earlier_sum, entries, rows = c[key]
+    bsz = layout.block_size
+    ns_per_key = 4.0 * d * 1e-3  # a key's FLOPs per row and head, / 1e3: at X TFLOP/s, ns / X
+    masked = (earlier_sum + 0.5 * rows) * bsz * ns_per_key / MASKED_TFLOPS
+    entry_ns = GATHER_ENTRY_NS * d / 128  # measured at D=128; a row's loads and stores scale
+    gather = (entries * (entry_ns + bsz * ns_per_key / GATHER_TFLOPS)
+              + 0.5 * rows * bsz * ns_per_key / GATHER_TFLOPS)
+    return masked <= gather
 
 
 def _masked_config(d: int, block_size: int):
@@ -699,8 +707,11 @@ def _masked_config(d: int, block_size: int):
         return bm, min(bn, cap), warps, stages
     if _interpreting():
         return 32, min(32, cap), 4, 1
-    bm = 128 if d <= 128 else 64
-    return bm, min(64 if d <= 128 else 32, cap), 8 if bm == 128 else 4, 2 if d > 128 else 3
+    if d > 128:
+        return 64, min(32, cap), 4, 2
+    # 128x128 tiles of 8 warps at blocks of 128 and 256, 64x64 of 4 below (H200 sweep,
+    # 2026-11-29: benchmarks/RESULTS.md)
+    return (128, 128, 8, 3) if cap >= 128 else (64, min(64, cap), 4, 3)
 
 
 # ----------------------------------------------------------------------------- cu_seqlens memo
