@@ -204,19 +204,33 @@ def test_schedule_rule(monkeypatch):
     assert ta._masked_wins(layout, 1, 32)
     monkeypatch.undo()
     # the fitted constants: FlashMoBA's 8K setting (blocks of 128, k - 1 = 7) goes masked,
-    # its 16K gathers; so do GQA's 8K (blocks of 512, k - 1 = 2) and the paper's 128K
-    def sched(lens, bsz, k1, est=64.0):
-        return ta._schedule(BlockLayout.build(cu(lens), cu(lens), bsz), est, 64, k1, 128)
+    # its 16K gathers (in place while the partial buffer's floor would break the peak bound);
+    # GQA's 8K (blocks of 512, k - 1 = 2) and the paper's 128K gather in place; blocks of 16
+    # (windows under one entry tile) keep the partials
+    def sched(lens, bsz, k1, est=None, floored=True):
+        layout = BlockLayout.build(cu(lens), cu(lens), bsz)
+        est = sum(lens) * k1 / layout.n_blocks if est is None else est
+        return ta._schedule(layout, est, 64, k1, 128, floored)
 
     assert sched([8192, 8192], 128, 7) == "masked"
-    assert sched([16384, 16384], 128, 7) == "partials"
-    assert sched([8192], 512, 2, est=8192 * 4 * 2 / 16) == "in-place"
-    assert sched([131072], 4096, 11, est=4096 * 11.0) == "in-place"
+    assert sched([16384, 16384], 128, 7) == "in-place"
+    assert sched([16384, 16384], 128, 7, floored=False) == "partials"
+    assert sched([8192], 16, 2) == "partials"
+    assert sched([8192], 512, 2, est=8192 * 4 * 2 / 16, floored=False) == "in-place"
+    assert sched([131072], 4096, 11, floored=False) == "in-place"
     monkeypatch.setattr(ta, "SCHEDULE", "partials")
     assert sched([8192, 8192], 128, 7) == "partials"
     monkeypatch.setattr(ta, "SCHEDULE", "in place")
     with pytest.raises(ValueError, match="in-place"):
         sched([8192, 8192], 128, 7)
+
+
+def test_partial_floor_rule(monkeypatch):
+    small = torch.empty(16384 * 2, 16, 128, dtype=torch.bfloat16, device="meta")  # 134 MB
+    large = torch.empty(262144 * 2, 16, 128, dtype=torch.bfloat16, device="meta")  # 2.1 GB
+    assert ta._part_floored(small) and not ta._part_floored(large)
+    monkeypatch.setattr(ta, "PART_CHUNK_ELEMS", 1 << 20)  # a set budget has no floor
+    assert not ta._part_floored(small)
 
 
 @pytest.mark.parametrize("fma", [True, False], ids=["fma", "mul-add"])

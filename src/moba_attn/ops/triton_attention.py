@@ -84,6 +84,10 @@ SHARED_SORT_MAX_ENTRIES = 1 << 24
 #    was 5% faster to 5% slower at 32 entry tiles per window (paper 128K and 1M, GQA 8K and
 #    32K) and cut the peak 1.1-2.7x; at 2 tiles per window (FlashMoBA, blocks of 128) the
 #    ragged last tiles and per-slot launches made it 8-61% slower.
+#  - in place also where windows fill one entry tile and the output is under 4x
+#    PART_MIN_BYTES: there the partial buffer's floor would break the peak bound (FlashMoBA's
+#    16K-64K; 16% slower than partials at 16K, H200 2026-11-29).
+#  - else partials.
 SCHEDULE: str | None = None
 SCHEDULES = ("masked", "in-place", "partials")
 IN_PLACE_MIN_TILES = 8
@@ -544,7 +548,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     ts_np, te_np, tile_rs, tile_re, row_ks, row_ke = _tiles_for(layout, q.device, diag_bm)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
 
-    schedule = _schedule(layout, est, sel_bm, k1, d) if k1 > 0 else "diag"
+    schedule = _schedule(layout, est, sel_bm, k1, d, _part_floored(q)) if k1 > 0 else "diag"
     LAST_SCHEDULE = schedule
     if sel.stride(2) != 1:
         sel = sel.contiguous()
@@ -662,11 +666,13 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     return out, lse
 
 
-def _schedule(layout: BlockLayout, est: float, sel_bm: int, k1: int, d: int) -> str:
-    """``SCHEDULE`` when set, else: "masked" where ``_masked_wins``, "in-place" when the
-    (slot, kv head, block) windows are long, "partials" otherwise. ``est``: entries per (kv
-    head, block) bucket; one launch per slot cuts every bucket into ``k1`` windows with a
-    ragged last tile each."""
+def _schedule(layout: BlockLayout, est: float, sel_bm: int, k1: int, d: int,
+              floored: bool) -> str:
+    """``SCHEDULE`` when set, else: "masked" where ``_masked_wins``; "in-place" when the
+    (slot, kv head, block) windows are long, or when they fill at least one entry tile and
+    the partial buffer would be ``floored`` above its share of the peak bound; "partials"
+    otherwise. ``est``: entries per (kv head, block) bucket; one launch per slot cuts every
+    bucket into ``k1`` windows with a ragged last tile each."""
     if SCHEDULE is not None:
         if SCHEDULE not in SCHEDULES:
             raise ValueError(f"triton_attention.SCHEDULE={SCHEDULE!r}; use one of {SCHEDULES} "
@@ -674,7 +680,18 @@ def _schedule(layout: BlockLayout, est: float, sel_bm: int, k1: int, d: int) -> 
         return SCHEDULE
     if _masked_wins(layout, k1, d):
         return "masked"
-    return "in-place" if est / k1 >= IN_PLACE_MIN_TILES * sel_bm else "partials"
+    window = est / k1
+    if window >= IN_PLACE_MIN_TILES * sel_bm or (floored and window >= sel_bm):
+        return "in-place"
+    return "partials"
+
+
+def _part_floored(q) -> bool:
+    """Whether ``PART_MIN_BYTES`` lifts the partial budget above a quarter of the output's
+    bytes: the partials would then take the forward's peak over 1.5x dense attention's."""
+    if PART_CHUNK_ELEMS is not None:
+        return False
+    return q.numel() * q.element_size() // 4 < PART_MIN_BYTES
 
 
 def _masked_wins(layout: BlockLayout, k1: int, d: int) -> bool:
