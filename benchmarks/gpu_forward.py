@@ -298,7 +298,7 @@ def fwd_sweep(log, jobs, pick=".*"):
                            "schedule": ta.LAST_SCHEDULE, "attn_ms": attn,
                            "moba_ms": ms, "peak_gb": peak_gb(whole), "max_diff": diff}
             except Exception as err:  # noqa: BLE001  a tile shape the compiler refuses
-                rec = {"setting": name, "T": t, "variant": label,
+                rec = {"setting": name, "T": t, "block": bsz, "variant": label,
                        "error": str(err).splitlines()[0][:150]}
             log("sweep " + json.dumps(rec))
             out.append(rec)
