@@ -22,7 +22,8 @@ The gathered blocks' results reach the output in one of two ways:
     head), each merging its tiles' results into the output by LSE. A launch holds each
     (row, head) once, so no two programs touch the same output row, and no partial buffer
     exists. Used where the (slot, kv head, block) windows are many tiles long (large blocks,
-    GQA); small windows would leave a ragged tile each.
+    GQA), or fill at least one tile while the partial buffer's floor would break the peak
+    bound (short T); small windows leave a ragged tile each.
   - partials: step 2 writes a normalised partial output and its LSE per entry, stored in the
     input dtype (fp16/bf16; fp32 for fp32 inputs), and step 3 merges a row's k-1 partials in
     fp32. A pass covers all kv heads and all rows when its partials (``[rows, Hq, k-1, D]``)
