@@ -578,10 +578,10 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         if k1 == 0:
             return out, lse
 
-    if in_place:  # one pass per slot, no partial buffer
-        passes = [(0, hkv, 0, ts_np.shape[0], 0, total_q)]
-        part_o = part_l = lse
-        n_ent_cap = total_q * hq
+    if in_place:  # no partial buffer; one sort of the (row, head) entries per slot
+        part_o = part_l = lse  # not read by merging launches
+        shared, n_chunks, chunk_t = False, 1, tile_rs
+        max_buckets, n_keys = hkv * n_blocks, total_q * hq
     else:
         part_dtype = _part_dtype(q)
         passes = _passes(ts_np, te_np, hq, hkv, k1, d, _part_budget_elems(q, part_dtype))
@@ -591,19 +591,20 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         if POISON:
             part_o.fill_(float("nan"))
             part_l.fill_(float("nan"))
-    # The passes share one sort of every entry (bucketed by kv head, row chunk and block)
-    # when SHARED_SORT is set and the entries are few enough that their sort arrays stay
-    # small next to the partials: each pass then launches only its two attention kernels.
-    n_all = total_q * hq * k1
-    shared = (not in_place and SHARED_SORT and len(passes) > 1
-              and n_all <= SHARED_SORT_MAX_ENTRIES)
-    chunk_start = sorted({r0 for _, _, _, _, r0, _ in passes})  # [0] for head-group passes
-    n_chunks = len(chunk_start) if shared else 1
-    chunk_t = _chunk_starts(layout, chunk_start, q.device) if shared else tile_rs
+        # The passes share one sort of every entry (bucketed by kv head, row chunk and
+        # block) when SHARED_SORT is set and the entries are few enough that their sort
+        # arrays stay small next to the partials: each pass then launches only its two
+        # attention kernels.
+        n_all = total_q * hq * k1
+        shared = SHARED_SORT and len(passes) > 1 and n_all <= SHARED_SORT_MAX_ENTRIES
+        chunk_start = sorted({r0 for _, _, _, _, r0, _ in passes})  # [0]: head-group passes
+        n_chunks = len(chunk_start) if shared else 1
+        chunk_t = _chunk_starts(layout, chunk_start, q.device) if shared else tile_rs
+        max_buckets = (hkv * n_chunks if shared else max(p[1] for p in passes)) * n_blocks
+        n_keys = n_all if shared else n_ent_cap
     # bucket keys are < 2**15 in most calls: int16 halves the radix sort's passes
-    max_buckets = (hkv * n_chunks if shared else max(p[1] for p in passes)) * n_blocks
     key_dtype = torch.int16 if max_buckets < INT16_KEYS_MAX else torch.int32
-    keys = torch.empty(n_all if shared else n_ent_cap, dtype=key_dtype, device=q.device)
+    keys = torch.empty(n_keys, dtype=key_dtype, device=q.device)
     key_block = 1024
 
     def sort_entries(r0, r1, h0, hs, nkh, nch, j0, nj):
