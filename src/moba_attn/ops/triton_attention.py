@@ -143,6 +143,32 @@ def _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE: tl.constexpr, FMA:
 
 
 @triton.jit
+def _attend_key_tile(q, K, V, kidx, kmask, ok, hk, stride_kt, stride_kh, stride_vt, stride_vh,
+                     scale2, m_i, l_i, acc, D: tl.constexpr, IEEE: tl.constexpr,
+                     FMA: tl.constexpr, LOAD_MASK: tl.constexpr):
+    """Keys ``kidx [BN]`` of kv head ``hk`` for a query tile ``q [BM, D]``: scores where
+    ``ok`` (``[BM, BN]`` or ``[BM, 1]``; ``-inf`` elsewhere), then one online-softmax step.
+    ``LOAD_MASK``: K/V rows where ``kmask`` is false are not read (zeros)."""
+    d = tl.arange(0, D)
+    kptr = K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :]
+    vptr = V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :]
+    if LOAD_MASK:
+        kt = tl.load(kptr, mask=kmask[:, None], other=0.0)  # [BN, D]
+    else:
+        kt = tl.load(kptr)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
+    qk = tl.where(ok, qk, float("-inf"))  # the running max stays finite: m_i starts at -1e30
+    if LOAD_MASK:
+        vt = tl.load(vptr, mask=kmask[:, None], other=0.0)
+    else:
+        vt = tl.load(vptr)
+    return _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+
+
+@triton.jit
 def _bucket_key_kernel(SEL, KEY, CHUNK_START, n_ent, r0, h0, HS, J0, NJ, n_blocks, n_chunks,
                        n_buckets, stride_st, stride_sh, GROUP: tl.constexpr,
                        BLOCK: tl.constexpr):
@@ -262,18 +288,10 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
     acc = tl.zeros([BM, D], dtype=tl.float32)
     for n0 in range(lo, hi, BN):
         kidx = n0 + n  # [BN] int64
-        kmask = kidx < hi
-        kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                     mask=kmask[:, None], other=0.0)  # [BN, D]
-        if IEEE:
-            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
         ok = (kidx[None, :] >= ks[:, None]) & (kidx[None, :] < ke[:, None])
-        qk = tl.where(ok, qk, float("-inf"))  # the running max stays finite: m_i starts at -1e30
-        vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                     mask=kmask[:, None], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+        m_i, l_i, acc = _attend_key_tile(q, K, V, kidx, kidx < hi, ok, hk, stride_kt, stride_kh,
+                                         stride_vt, stride_vh, scale2, m_i, l_i, acc, D, IEEE,
+                                         FMA, True)
     # Merge the selected-block partials (each a normalised output o_j with LSE_j). All slots'
     # selections and LSEs are loaded at once, so the weights are known before any partial is
     # read and the partial loads do not wait on each other.
@@ -350,33 +368,20 @@ def _masked_tile_kernel(Q, K, V, O, LSE, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE, 
     for n0 in range(lo, own_lo, BN):
         b = first + (n0 - kseq0) // block_size
         hit = tl.max((blk == b).to(tl.int32), axis=1) > 0  # [BM] rows that selected block b
-        kidx = n0 + n  # [BN] int64
-        kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :])
-        if IEEE:
-            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(kt))  # [BM, BN]
-        qk = tl.where(hit[:, None], qk, float("-inf"))
-        vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :])
-        m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+        kidx = n0 + n  # [BN] int64, all before every row's own block
+        m_i, l_i, acc = _attend_key_tile(q, K, V, kidx, kidx < own_lo, hit[:, None], hk,
+                                         stride_kt, stride_kh, stride_vt, stride_vh, scale2,
+                                         m_i, l_i, acc, D, IEEE, FMA, False)
     # keys from the first own block on: own-block causal keys, or (rows whose own block
     # starts later, with blocks shorter than the tile) a selected block
     for n0 in range(own_lo, hi, BN):
         b = first + (n0 - kseq0) // block_size
         hit = tl.max((blk == b).to(tl.int32), axis=1) > 0
         kidx = n0 + n
-        kmask = kidx < hi
-        kt = tl.load(K + kidx[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                     mask=kmask[:, None], other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(kt), input_precision="ieee")
-        else:
-            qk = tl.dot(q, tl.trans(kt))
         ok = ((kidx[None, :] >= ks[:, None]) & (kidx[None, :] < ke[:, None])) | hit[:, None]
-        qk = tl.where(ok, qk, float("-inf"))  # the running max stays finite: m_i starts at -1e30
-        vt = tl.load(V + kidx[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                     mask=kmask[:, None], other=0.0)
-        m_i, l_i, acc = _online_softmax_step(qk, vt, scale2, m_i, l_i, acc, IEEE, FMA)
+        m_i, l_i, acc = _attend_key_tile(q, K, V, kidx, kidx < hi, ok, hk, stride_kt, stride_kh,
+                                         stride_vt, stride_vh, scale2, m_i, l_i, acc, D, IEEE,
+                                         FMA, True)
     out = acc / l_i[:, None]
     tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=rmask[:, None])
