@@ -111,6 +111,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as fh:
             fh.write(traceback.format_exc())
         raise
+    # results saved, group destroyed: skip interpreter finalization, where a gloo rank can
+    # abort after a complete run (see benchmarks/cp_bench.py, _spawned)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # a tiny Llama: one MoBA layer, one dense layer (full_attn_layers), fp64
