@@ -65,7 +65,7 @@ def time_ms(fn, long_reps=None):
 
 
 def inputs(batch, t, hq, hkv, d, grad=True):
-    g = dict(device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+    g = {"device": "cuda", "dtype": torch.bfloat16, "requires_grad": grad}
     q = torch.randn(batch * t, hq, d, **g)
     k = torch.randn(batch * t, hkv, d, **g)
     v = torch.randn(batch * t, hkv, d, **g)
@@ -95,8 +95,8 @@ def bench_moba(name_fn, batch, t, hq, hkv, d, b, kk):
     fb = time_ms(run)
     peak = torch.cuda.max_memory_allocated() - base
     keys = n_attended_keys(cu.cpu(), cu.cpu(), b, kk) * hq
-    return dict(fwd_ms=fwd, fwdbwd_ms=fb, peak_extra_gb=peak / 1e9,
-                tflops_fwdbwd=3.5 * 4 * d * keys / (fb * 1e-3) / 1e12)
+    return {"fwd_ms": fwd, "fwdbwd_ms": fb, "peak_extra_gb": peak / 1e9,
+            "tflops_fwdbwd": 3.5 * 4 * d * keys / (fb * 1e-3) / 1e12}
 
 
 def bench_dense(backend, batch, t, hq, d):
@@ -118,13 +118,13 @@ def bench_dense(backend, batch, t, hq, d):
     base = torch.cuda.memory_allocated()
     fb = time_ms(run)
     peak = torch.cuda.max_memory_allocated() - base
-    return dict(fwd_ms=fwd, fwdbwd_ms=fb, peak_extra_gb=peak / 1e9)
+    return {"fwd_ms": fwd, "fwdbwd_ms": fb, "peak_extra_gb": peak / 1e9}
 
 
 # ----------------------------------------------------------------------------- checks
 def check_backward(batch=2, t=4 * K, hq=16, hkv=4, d=128, b=128, kk=8):
     """Triton backward vs the torch backward (fp32 math) on the same out/lse/sel."""
-    q, k, v, cu = inputs(batch, t, hq, hkv, d, grad=False)
+    q, k, v, _cu = inputs(batch, t, hq, hkv, d, grad=False)
     cu_q = torch.tensor([0, 1, 1 + t // 4, batch * t], device="cuda",
                         dtype=torch.int32)  # ragged: a length-1 and a short sequence
     layout = BlockLayout.build(cu_q, cu_q, b)
@@ -172,7 +172,7 @@ def sweep(regime, batch, t, hq, hkv, d, b, kk):
             tb.KERNEL_CONFIG[(kernel, regime)][d] = cfg
             try:
                 ms = time_ms(bwd, long_reps=2)
-            except Exception as err:  # a shape the compiler refuses (resources): skip it
+            except Exception as err:  # noqa: BLE001  a shape the compiler refuses (resources): skip it
                 print(f"# {kernel} {cfg}: {type(err).__name__}: {str(err)[:100]}")
                 continue
             results[f"{regime}-{kernel}{cfg}"] = ms
@@ -185,21 +185,21 @@ def sweep(regime, batch, t, hq, hkv, d, b, kk):
 
 def breakdown(batch, t, hq, hkv, d, b, kk):
     """ms of the backward's parts: entry sort, dK/dV kernel, dQ kernel (tiles included)."""
-    q, k, v, out, lse, dout, layout, sel, kk, scale = case = _bwd_case(batch, t, hq, hkv, d, b, kk)
+    q, k, v, _out, lse, dout, layout, sel, kk, scale = case = _bwd_case(batch, t, hq, hkv, d, b, kk)
     total_q = q.shape[0]
     ents = tb._Entries(layout, sel, 0, total_q, hq, hkv, kk)
     lse2 = (lse.t() * tb.LOG2E).contiguous()
     delta = torch.randn(total_q * hq, device="cuda")
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dq = torch.zeros(total_q, hq, d, device="cuda")
-    res = dict(
-        total=time_ms(lambda: tb.moba_backward_triton(*case, False)),
-        entries=time_ms(lambda: tb._Entries(layout, sel, 0, total_q, hq, hkv, kk)),
-        dkdv=time_ms(lambda: tb._launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout, ents,
-                                             scale, d, "tf32")),
-        dq=time_ms(lambda: tb._launch_dq(q, k, v, dout, dq, lse2, delta, layout, ents, scale,
-                                         True, 0, d, "tf32")),
-    )
+    res = {
+        "total": time_ms(lambda: tb.moba_backward_triton(*case, False)),
+        "entries": time_ms(lambda: tb._Entries(layout, sel, 0, total_q, hq, hkv, kk)),
+        "dkdv": time_ms(lambda: tb._launch_dkdv(q, k, v, dout, dk, dv, lse2, delta, layout,
+                                                ents, scale, d, "tf32")),
+        "dq": time_ms(lambda: tb._launch_dq(q, k, v, dout, dq, lse2, delta, layout, ents, scale,
+                                            True, 0, d, "tf32")),
+    }
     keys = n_attended_keys(torch.tensor([0, t]), torch.tensor([0, t]), b, kk) * batch * hq
     res["dkdv_tflops"] = 4 * 2 * d * keys / (res["dkdv"] * 1e-3) / 1e12
     res["dq_tflops"] = 3 * 2 * d * keys / (res["dq"] * 1e-3) / 1e12
@@ -241,7 +241,7 @@ def dkdv_tiles(cases=None):
 
             try:
                 ms = time_ms(run)
-            except Exception as err:  # a tile shape the compiler refuses: skip it
+            except Exception as err:  # noqa: BLE001  a tile shape the compiler refuses: skip it
                 print(f"# {name} {cfg}: {type(err).__name__}: {str(err)[:100]}")
                 continue
             if ref is None:
@@ -284,8 +284,8 @@ def main():
     machine = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton "
                f"{triton.__version__} | python {platform.python_version()}")
     print("#", machine)
-    res = dict(machine=machine, date=time.strftime("%Y-%m-%d %H:%M"), check=check_backward(),
-               rows=[])
+    res = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "check": check_backward(), "rows": []}
     print("# check vs torch backward (rel err):",
           {k: f"{v:.1e}" for k, v in res["check"].items()})
     name_fn = moba_fn()
@@ -296,8 +296,8 @@ def main():
     if "large" in args.sweep:
         res["sweep"].update(sweep("large", 1, 128 * K, 8, 8, 128, 4096, 12))
     if args.breakdown:
-        res["breakdown"] = dict(flashmoba_128k=breakdown(2, 128 * K, 16, 16, 128, 128, 8),
-                                paper_128k=breakdown(1, 128 * K, 8, 8, 128, 4096, 12))
+        res["breakdown"] = {"flashmoba_128k": breakdown(2, 128 * K, 16, 16, 128, 128, 8),
+                            "paper_128k": breakdown(1, 128 * K, 8, 8, 128, 4096, 12)}
     res["kernel_config"] = {"-".join(k): {str(d): c for d, c in v.items()}
                             for k, v in tb.KERNEL_CONFIG.items()}
 
@@ -308,11 +308,11 @@ def main():
             print(f"# budget reached: skipping {name} T={tk}K")
             continue
         t = tk * K
-        row = dict(setting=name, batch=batch, heads=h, T=t, block=b, topk=kk)
+        row = {"setting": name, "batch": batch, "heads": h, "T": t, "block": b, "topk": kk}
         try:
             row["moba"] = bench_moba(name_fn, batch, t, h, h, 128, b, kk)
         except torch.cuda.OutOfMemoryError as err:
-            row["moba"] = dict(error=str(err)[:200])
+            row["moba"] = {"error": str(err)[:200]}
         torch.cuda.empty_cache()
         if tk <= args.dense_max:
             for label, be in (("flash", SDPBackend.FLASH_ATTENTION),
@@ -320,7 +320,7 @@ def main():
                 try:
                     row[label] = bench_dense(be, batch, t, h, 128)
                 except RuntimeError as err:
-                    row[label] = dict(error=str(err)[:200])
+                    row[label] = {"error": str(err)[:200]}
                 torch.cuda.empty_cache()
         cu = torch.tensor([0, t])
         row["sparsity"] = 1 - n_attended_keys(cu, cu, b, kk) / dense_causal_keys(cu, cu)
