@@ -169,6 +169,34 @@ def _attend_key_tile(q, K, V, kidx, kmask, ok, hk, stride_kt, stride_kh, stride_
 
 
 @triton.jit
+def _query_tile(Q, ROW_KS, ROW_KE, rs, re, h, stride_qt, stride_qh, D: tl.constexpr,
+                BM: tl.constexpr):
+    """The query tile of rows ``[rs, rs + BM)`` (those below ``re`` valid) for q head ``h``:
+    rows (int64), row mask, each row's own-block key range ``[ks, ke)`` (``ke``: one past the
+    row's own key), the queries ``[BM, D]`` and a fresh online-softmax state."""
+    rows = rs + tl.arange(0, BM)
+    rmask = rows < re
+    ks = tl.load(ROW_KS + rows, mask=rmask, other=9223372036854775807)
+    ke = tl.load(ROW_KE + rows, mask=rmask, other=0)
+    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + tl.arange(0, D)[None, :],
+                mask=rmask[:, None], other=0.0)
+    m_i = tl.full([BM], -1.0e30, tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    return rows, rmask, ks, ke, q, m_i, l_i, acc
+
+
+@triton.jit
+def _store_tile(O, LSE, rows, rmask, h, total_q, stride_ot, stride_oh, m_i, l_i, acc,
+                D: tl.constexpr):
+    """The tile's final output rows of q head ``h`` and their LSE (natural log)."""
+    out = acc / l_i[:, None]
+    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + tl.arange(0, D)[None, :],
+             out.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + h * total_q + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=rmask)
+
+
+@triton.jit
 def _bucket_key_kernel(SEL, KEY, CHUNK_START, n_ent, r0, h0, HS, J0, NJ, n_blocks, n_chunks,
                        n_buckets, stride_st, stride_sh, GROUP: tl.constexpr,
                        BLOCK: tl.constexpr):
@@ -271,21 +299,12 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
     g = tl.program_id(1).to(tl.int64)
     h = h0 + g
     hk = h // GROUP
-    rs = tl.load(TILE_RS + t)
-    re = tl.load(TILE_RE + t)
-    rows = rs + tl.arange(0, BM)  # [BM] int64
-    rmask = rows < re
-    ks = tl.load(ROW_KS + rows, mask=rmask, other=9223372036854775807)  # own block's first key
-    ke = tl.load(ROW_KE + rows, mask=rmask, other=0)  # one past the row's own key
+    rows, rmask, ks, ke, q, m_i, l_i, acc = _query_tile(
+        Q, ROW_KS, ROW_KE, tl.load(TILE_RS + t), tl.load(TILE_RE + t), h, stride_qt, stride_qh,
+        D, BM)
     lo = tl.min(ks, axis=0)
     hi = tl.max(ke, axis=0)
-    d = tl.arange(0, D)
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=rmask[:, None], other=0.0)  # [BM, D]
     n = tl.arange(0, BN)
-    m_i = tl.full([BM], -1.0e30, tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, D], dtype=tl.float32)
     for n0 in range(lo, hi, BN):
         kidx = n0 + n  # [BN] int64
         ok = (kidx[None, :] >= ks[:, None]) & (kidx[None, :] < ke[:, None])
@@ -310,15 +329,13 @@ def _diag_merge_kernel(Q, K, V, O, LSE, PO, PL, SEL, TILE_RS, TILE_RE, ROW_KS, R
     acc = acc * alpha[:, None]
     l_i = l_i * alpha + tl.sum(w, axis=1)
     m_i = m_new
+    d = tl.arange(0, D)
     for j in range(K1):
         wj = tl.sum(tl.where(jj[None, :] == j, w, 0.0), axis=1)  # [BM]
         po = tl.load(PO + (ent0 + j)[:, None] * D + d[None, :], mask=(wj > 0)[:, None],
                      other=0.0).to(tl.float32)
         acc += wj[:, None] * po
-    out = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
-             out.to(O.dtype.element_ty), mask=rmask[:, None])
-    tl.store(LSE + h * total_q + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=rmask)
+    _store_tile(O, LSE, rows, rmask, h, total_q, stride_ot, stride_oh, m_i, l_i, acc, D)
 
 
 @triton.jit
@@ -341,11 +358,8 @@ def _masked_tile_kernel(Q, K, V, O, LSE, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE, 
     h = tl.program_id(1).to(tl.int64)
     hk = h // GROUP
     rs = tl.load(TILE_RS + t)
-    re = tl.load(TILE_RE + t)
-    rows = rs + tl.arange(0, BM)  # [BM] int64
-    rmask = rows < re
-    ks = tl.load(ROW_KS + rows, mask=rmask, other=9223372036854775807)  # own block's first key
-    ke = tl.load(ROW_KE + rows, mask=rmask, other=0)  # one past the row's own key
+    rows, rmask, ks, ke, q, m_i, l_i, acc = _query_tile(
+        Q, ROW_KS, ROW_KE, rs, tl.load(TILE_RE + t), h, stride_qt, stride_qh, D, BM)
     own_lo = tl.min(ks, axis=0)
     hi = tl.max(ke, axis=0)
     first = tl.load(ROW_FIRST + rs)  # the sequence's first block (a tile is in one sequence)
@@ -357,13 +371,7 @@ def _masked_tile_kernel(Q, K, V, O, LSE, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE, 
     low = tl.min(low, axis=0)  # the tile's lowest selected block
     lo = tl.where(low < (1 << 40), kseq0 + (low - first) * block_size, own_lo)
     lo = tl.minimum(lo, own_lo)
-    d = tl.arange(0, D)
-    q = tl.load(Q + rows[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=rmask[:, None], other=0.0)  # [BM, D]
     n = tl.arange(0, BN)
-    m_i = tl.full([BM], -1.0e30, tl.float32)
-    l_i = tl.zeros([BM], dtype=tl.float32)
-    acc = tl.zeros([BM, D], dtype=tl.float32)
     # past keys of every row of the tile: only the selection masks them
     for n0 in range(lo, own_lo, BN):
         b = first + (n0 - kseq0) // block_size
@@ -382,10 +390,7 @@ def _masked_tile_kernel(Q, K, V, O, LSE, SEL, TILE_RS, TILE_RE, ROW_KS, ROW_KE, 
         m_i, l_i, acc = _attend_key_tile(q, K, V, kidx, kidx < hi, ok, hk, stride_kt, stride_kh,
                                          stride_vt, stride_vh, scale2, m_i, l_i, acc, D, IEEE,
                                          FMA, True)
-    out = acc / l_i[:, None]
-    tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :],
-             out.to(O.dtype.element_ty), mask=rmask[:, None])
-    tl.store(LSE + h * total_q + rows, (m_i + tl.math.log2(l_i)) / 1.4426950408889634, mask=rmask)
+    _store_tile(O, LSE, rows, rmask, h, total_q, stride_ot, stride_oh, m_i, l_i, acc, D)
 
 
 # ----------------------------------------------------------------------------- launchers
