@@ -556,7 +556,6 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
     n_blocks = layout.n_blocks
     est = total_q * group * k1 / max(n_blocks, 1)
     sel_bm, sel_bn, sel_w, diag_bm, diag_bn, diag_w, stages = _configs(d, bsz, est)
-    ts_np, te_np, tile_rs, tile_re, row_ks, row_ke = _tiles_for(layout, q.device, diag_bm)
     common = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
 
     schedule = _schedule(layout, est, sel_bm, k1, d, _part_floored(q)) if k1 > 0 else "diag"
@@ -565,7 +564,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         sel = sel.contiguous()
     if schedule == "masked":  # one launch: every query tile over its causal keys, masked
         bm, bn, warps, st = _masked_config(d, bsz)
-        m_ts, _, m_rs, m_re, _, _ = _tiles_for(layout, q.device, bm)
+        m_ts, _, m_rs, m_re, row_ks, row_ke = _tiles_for(layout, q.device, bm)
         _masked_tile_kernel[(m_ts.shape[0], hq)](
             q, k, v, out, lse, sel, m_rs, m_re, row_ks, row_ke, layout.row_first,
             layout.blk_start, k1, bsz, total_q, scale2, *common, out.stride(0), out.stride(1),
@@ -575,6 +574,7 @@ def _moba_forward(q, k, v, layout: BlockLayout, sel, topk: int, scale: float):
         )
         return out, lse
 
+    ts_np, te_np, tile_rs, tile_re, row_ks, row_ke = _tiles_for(layout, q.device, diag_bm)
     # own-block causal attention of every row and head, one launch; with k1 == 0 that is
     # the whole answer, with the in-place schedule the selected blocks merge into it
     in_place = schedule == "in-place"
