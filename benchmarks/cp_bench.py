@@ -832,7 +832,8 @@ def _spawned(rank, world, init, args):
 def run_and_close(args, device):
     """``main_worker``, then the process group's teardown; after a normal end every rank
     waits at a barrier first, so none tears the group down while a peer still uses it (a
-    gloo rank aborted in teardown once without it, on a 2-core CPU machine)."""
+    gloo rank aborted in teardown once without it, on a 2-core CPU machine; with it, one
+    still aborted once at interpreter exit, which ``_spawned`` now skips)."""
     finished = False
     try:
         main_worker(args, device)
