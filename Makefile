@@ -19,9 +19,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[dev,hf]"
 	touch $@
 
+# moba bench draws plot.png with matplotlib: the plot extra
+$(VENV)/.installed-plot: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[plot]"
+	touch $@
+
 install: $(VENV)/.installed
 
-bench: install
+bench: $(VENV)/.installed-plot
 	$(BIN)/moba bench
 
 check: install

@@ -5,7 +5,7 @@ import torch
 from moba_attn import baselines
 from moba_attn.ops.naive import moba_attn_naive
 
-from .helpers import packed_inputs
+from .utils import packed_inputs
 
 
 def _varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, causal):

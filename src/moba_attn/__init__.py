@@ -1,7 +1,24 @@
 """moba-attn: exact, trainable MoBA (Mixture of Block Attention) for PyTorch."""
 
-from .interface import moba_attn_func, moba_attn_varlen_func
-from .ops.gate import moba_select
+from .interface import (
+    moba_attn_func,
+    moba_attn_varlen_func,
+    moba_attn_with_kvcache,
+    moba_select,
+    update_centroids,
+)
+from .ops.config import MobaConfig
+from .ops.layout import BlockLayout, prepare_layout
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "moba_attn_func", "moba_attn_varlen_func", "moba_select"]
+__all__ = [
+    "BlockLayout",
+    "MobaConfig",
+    "__version__",
+    "moba_attn_func",
+    "moba_attn_varlen_func",
+    "moba_attn_with_kvcache",
+    "moba_select",
+    "prepare_layout",
+    "update_centroids",
+]

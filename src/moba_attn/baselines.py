@@ -15,7 +15,9 @@ import inspect
 
 import torch
 
-from .ops.gate import BlockLayout, block_centroids, moba_select
+from .interface import moba_select
+from .ops.layout import prepare_layout
+from .ops.torch.gate import block_centroids
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool):
@@ -39,7 +41,7 @@ def orig_moba_varlen(q, k, v, cu, max_len, block_size, topk):
     n, hq, d = q.shape
     g = hq // k.shape[1]
     k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)  # as the original does
-    layout = BlockLayout.build(cu, cu, block_size)
+    layout = prepare_layout(cu, cu, block_size=block_size)
     cu_blk = torch.cat([layout.blk_start, layout.blk_start.new_tensor([n])]).to(torch.int32)
     self_out, self_lse = _varlen(q, k, v, cu_blk, cu_blk, block_size, block_size, causal=True)
     if topk == 1 or layout.max_seq_blocks <= 1:
@@ -58,7 +60,7 @@ def orig_moba_varlen(q, k, v, cu, max_len, block_size, topk):
     cu_q = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
     kb = k.new_zeros(layout.n_blocks, block_size, hq, d)
     vb = v.new_zeros(layout.n_blocks, block_size, hq, d)
-    tok, ok = layout.block_tokens(n)
+    tok, ok = layout.block_tokens()
     kb[ok] = k[tok[ok]]
     vb[ok] = v[tok[ok]]
     kb = kb.permute(0, 2, 1, 3).reshape(-1, 1, d)  # [(block, head, key), 1, D]

@@ -1,6 +1,11 @@
 """Benchmarks and checks behind ``moba bench``, ``moba check`` and ``moba env``.
 
 Everything here is a library function; the CLI only parses flags. Definitions:
+- what is timed: the public functions. ``moba-torch`` / ``moba-triton`` are
+  ``moba_attn_func`` on the equal-length ``[batch, T, H, D]`` batch with ``backend="torch"``
+  / ``backend="triton"`` (the layout comes from the shapes: no host sync per call; a backend
+  that cannot run raises instead of running another); ``sdpa*`` are
+  ``F.scaled_dot_product_attention`` on transposed views of the same tensors.
 - useful FLOPs: forward = 4 * D * (keys attended, summed over queries and heads);
   backward = 2.5 x forward. MoBA is credited only with the keys it attends, dense causal
   attention with its causal triangle.
@@ -8,6 +13,9 @@ Everything here is a library function; the CLI only parses flags. Definitions:
   forward+backward). CPUs have no allocator statistics: reported as n/a there.
 - timing: median over repeats after a warm-up (triton's do_bench on CUDA; at long T one
   warm-up plus 3 CUDA-event timings; ``time.perf_counter`` on CPU).
+
+tqdm (progress bar) and matplotlib (``plot.png``) are optional: without them there is no
+bar, and the JSON and CSV are written without the plot.
 """
 
 from __future__ import annotations
@@ -25,8 +33,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .interface import moba_attn_varlen_func, triton_available
-from .ops.gate import dense_causal_keys, n_attended_keys
+from .interface import moba_attn_func, moba_attn_varlen_func, moba_select
+from .ops.backends import TRITON
+from .ops.layout import prepare_layout
+
+PLOT_HINT = "install moba-attn[plot] for plot.png"
+
+
+def triton_available(device: torch.device) -> bool:
+    """The Triton kernels run by default on ``device``: CUDA with a working triton (the CPU
+    interpreter is used only when ``moba-triton`` is asked for by name)."""
+    return device.type == "cuda" and TRITON.supports(device, torch.bfloat16, 128, 128, 2) is None
+
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -87,7 +105,8 @@ def local_walk(n: int, width: int, generator: torch.Generator, device, rho: floa
 
 
 def make_inputs(cfg: BenchConfig, T: int, requires_grad: bool):
-    """q/k/v ``[batch*T, H, D]`` packed (varlen) plus cu_seqlens, on the benchmark device."""
+    """q ``[batch, T, H, D]``, k/v ``[batch, T, Hkv, D]`` (sequence-first, what
+    ``moba_attn_func`` takes) plus their ``cu_seqlens``, on the benchmark device."""
     dev, dtype = torch.device(cfg.device), DTYPES[cfg.dtype]
     gen = torch.Generator(device=dev).manual_seed(cfg.seed + T)
     n = cfg.batch * T
@@ -104,46 +123,47 @@ def make_inputs(cfg: BenchConfig, T: int, requires_grad: bool):
     else:
         raise ValueError(f"routing must be 'random' or 'local', got {cfg.routing!r}")
     v = torch.randn(n, cfg.kv_heads, cfg.head_dim, generator=gen, device=dev)
-    q, k, v = (t.to(dtype).requires_grad_(requires_grad) for t in (q, k, v))
+    q, k, v = (t.to(dtype).view(cfg.batch, T, *t.shape[1:]).requires_grad_(requires_grad)
+               for t in (q, k, v))
     cu = torch.arange(0, (cfg.batch + 1) * T, T, dtype=torch.int32, device=dev)
     return q, k, v, cu
 
 
 # ----------------------------------------------------------------------------- providers
+# A factory takes (cfg, q, k, v, cu, T) with q/k/v ``[batch, T, H, D]`` and returns the call
+# to time; the call returns the output (any shape with q's number of elements).
 def _moba(backend: str):
     def make(cfg, q, k, v, cu, T):
         def run():
-            return moba_attn_varlen_func(q, k, v, cu, cu, T, T, block_size=cfg.block_size,
-                                         topk=cfg.topk, backend=backend, validate=False)
+            return moba_attn_func(q, k, v, block_size=cfg.block_size, topk=cfg.topk,
+                                  backend=backend)
         return run
     return make
 
 
 def _sdpa(sdpa_backend):
     def make(cfg, q, k, v, cu, T):
+        from contextlib import nullcontext
+
         from torch.nn.attention import sdpa_kernel
 
-        b, hq, hkv, d = cfg.batch, cfg.heads, cfg.kv_heads, cfg.head_dim
-        gqa = hq != hkv
+        gqa = cfg.heads != cfg.kv_heads
 
         def run():
-            qb = q.view(b, T, hq, d).transpose(1, 2)
-            kb = k.view(b, T, hkv, d).transpose(1, 2)
-            vb = v.view(b, T, hkv, d).transpose(1, 2)
-            ctx = sdpa_kernel([sdpa_backend]) if sdpa_backend is not None else _null()
+            ctx = sdpa_kernel([sdpa_backend]) if sdpa_backend is not None else nullcontext()
             with ctx:
-                o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, enable_gqa=gqa)
-            return o.transpose(1, 2).reshape(b * T, hq, d)
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2), is_causal=True,
+                                                      enable_gqa=gqa)
         return run
     return make
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _packed(factory):
+    """A factory of the packed ``[batch * T, H, D]`` layout (``moba_attn.baselines``)."""
+    def make(cfg, q, k, v, cu, T):
+        return factory(cfg, q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, T)
+    return make
 
 
 def _providers() -> dict[str, tuple[Callable, str]]:
@@ -160,7 +180,7 @@ def _providers() -> dict[str, tuple[Callable, str]]:
     try:  # extra GPU providers (FlexAttention MoBA, original-release re-implementation)
         from .baselines import extra_providers
 
-        table.update(extra_providers())
+        table.update({name: (_packed(f), where) for name, (f, where) in extra_providers().items()})
     except ImportError:
         pass
     return table
@@ -247,23 +267,43 @@ def machine_line(dev: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- runs
-def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
-    """Time every provider x mode x T; returns ``{"config", "machine", "rows", "check"}``."""
-    from tqdm.auto import tqdm
+def _progress(jobs: list, enabled: bool):
+    """``(iterable, set_postfix)``: a tqdm bar when tqdm is installed and ``enabled``."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None or not enabled:
+        return jobs, lambda text: None
+    bar = tqdm(jobs, desc="moba bench", leave=False)
+    return bar, bar.set_postfix_str
 
-    cfg = cfg.resolved()
-    dev = torch.device(cfg.device)
-    table = _providers()
+
+def _check_providers(cfg: BenchConfig, table: dict) -> None:
+    """Unknown names, and a Triton provider where the kernels cannot run, fail up front."""
     unknown = [p for p in cfg.providers if p not in table]
     if unknown:
         raise ValueError(f"unknown providers {unknown}; available: {sorted(table)}")
+    if "moba-triton" in cfg.providers:
+        why = TRITON.supports(torch.device(cfg.device), DTYPES[cfg.dtype], cfg.head_dim,
+                              cfg.block_size, cfg.topk)
+        if why is not None:
+            raise ValueError(f"moba-triton cannot run here: {why}")
+
+
+def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
+    """Time every provider x mode x T; returns ``{"config", "machine", "rows", "check"}``."""
+    cfg = cfg.resolved()
+    dev = torch.device(cfg.device)
+    table = _providers()
+    _check_providers(cfg, table)
     check = run_check(cfg) if cfg.check else None
     rows = []
     jobs = [(T, mode, p) for T in cfg.seqlens for mode in cfg.modes for p in cfg.providers]
-    bar = tqdm(jobs, desc="moba bench", disable=not progress, leave=False)
+    bar, postfix = _progress(jobs, progress)
     inputs = {}
     for T, mode, name in bar:
-        bar.set_postfix_str(f"T={T} {mode} {name}")
+        postfix(f"T={T} {mode} {name}")
         key = (T, mode)
         if key not in inputs:
             inputs.clear()
@@ -282,7 +322,8 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
             def fn(fwd=fwd, grad=grad, leaves=(q, k, v)):
                 for x in leaves:
                     x.grad = None
-                fwd().backward(grad)
+                out = fwd()
+                out.backward(grad.view_as(out))
         long = T >= cfg.long_seqlen
         try:
             ms = time_ms(fn, dev, cfg.repeats, long)
@@ -292,13 +333,15 @@ def run_benchmark(cfg: BenchConfig, progress: bool = True) -> dict:
             ms, mem, err = float("nan"), None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-        keys = dense_causal_keys(cu, cu) if name in DENSE or name.startswith("sdpa") else \
-            n_attended_keys(cu.cpu(), cu.cpu(), cfg.block_size, cfg.topk)
+        lay = prepare_layout(cu.cpu(), block_size=cfg.block_size)
+        keys = lay.dense_keys() if name in DENSE or name.startswith("sdpa") else \
+            lay.attended_keys(cfg.topk)
         flops = 4 * cfg.head_dim * keys * cfg.heads * (1.0 if mode == "fwd" else 3.5)
         rows.append({"T": T, "mode": mode, "provider": name, "ms": ms,
                      "tflops": flops / (ms * 1e-3) / 1e12 if not math.isnan(ms) else float("nan"),
                      "peak_mib": mem, "error": err})
-    bar.close()
+    if hasattr(bar, "close"):
+        bar.close()
     _add_speedups(rows)
     return {"config": asdict(cfg), "machine": machine_line(dev), "rows": rows, "check": check,
             "date": time.strftime("%Y-%m-%d")}
@@ -336,7 +379,6 @@ def run_check(cfg: BenchConfig | None = None, verbose: bool = False) -> dict:
 
 def _check_shape(cfg, dev, gen, backends, lens, hq, hkv, d, blk, topk) -> list[dict]:
     """``run_check``'s rows of one shape: every backend's output and gradient errors."""
-    from .ops.gate import moba_select
     from .ops.naive import moba_attn_naive
 
     dtype = DTYPES[cfg.dtype]
@@ -399,10 +441,11 @@ def format_table(result: dict) -> str:
 
 
 def write_results(result: dict, out_dir: str | Path) -> dict[str, Path]:
-    """results.json, results.csv and plot.png under ``out_dir``."""
+    """results.json, results.csv and (with matplotlib) plot.png under ``out_dir``; the
+    returned dict has a ``png`` entry only when the plot was written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "csv": out / "results.csv", "png": out / "plot.png"}
+    paths = {"json": out / "results.json", "csv": out / "results.csv"}
     paths["json"].write_text(json.dumps(result, indent=2, default=str))
     rows = result["rows"]
     if rows:
@@ -411,11 +454,17 @@ def write_results(result: dict, out_dir: str | Path) -> dict[str, Path]:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
-    plot_results(result, paths["png"])
+    try:
+        plot_results(result, out / "plot.png")
+    except ImportError:
+        print(PLOT_HINT)
+    else:
+        paths["png"] = out / "plot.png"
     return paths
 
 
 def plot_results(result: dict, path: Path) -> None:
+    """The time and useful-TFLOP/s panels; raises ImportError without matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -520,7 +569,7 @@ def _cmd_bench(args) -> int:
     if result["check"] is not None:
         print(_format_check(result["check"]))
     print(format_table(result))
-    print(f"wrote {paths['json']}, {paths['csv']}, {paths['png']}")
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0 if result["check"] is None or result["check"]["ok"] else 1
 
 

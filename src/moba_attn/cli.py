@@ -1,8 +1,9 @@
 """The ``moba`` command line: a thin layer that parses arguments and calls library functions.
 
-Subcommands register themselves through ``add_parser(subparsers)`` functions so each feature
-keeps its flags next to its code: bench/check/env (moba_attn.bench), train/eval/viz
-(moba_attn.training).
+Subcommands register themselves through ``add_parsers(subparsers)`` functions so each feature
+keeps its flags next to its code: bench/check/env (:mod:`moba_attn.bench`), and
+train/compare/eval/viz (:mod:`moba_attn.train.cli`, which needs the ``train`` extra to run and
+says so in one line without it).
 """
 
 from __future__ import annotations
@@ -11,18 +12,22 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, ``moba train: error: ...``, exit status 2; ``--help`` has the
+    full usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moba", description="MoBA attention: benchmarks, checks, training tools")
+    parser = _Parser(prog="moba", description="MoBA attention: benchmarks, checks, training tools")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import bench
+    from .train import cli as train_cli
 
     bench.add_parsers(sub)
-    try:
-        from .training import cli as training_cli
-    except ImportError:  # training tools need the 'hf' extra
-        training_cli = None
-    if training_cli is not None:
-        training_cli.add_parsers(sub)
+    train_cli.add_parsers(sub)
     return parser
 
 

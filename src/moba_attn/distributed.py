@@ -96,9 +96,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .interface import _check_int, _check_qkv, moba_attn_varlen_func, resolve_backend
-from .ops.gate import BlockLayout, block_centroids, select_all
-from .ops.torch_impl import MobaGivenSelection
+from .interface import check_int, check_qkv, check_scale, moba_attn_varlen_func
+from .ops import backends
+from .ops.config import DEFAULT_CONFIG
+from .ops.function import moba_attention
+from .ops.layout import BlockLayout, layout_from_lengths
 
 # torch >= 2.13 renames the flat collectives; older releases only have the first names
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -223,8 +225,8 @@ def cp_layout(seqlens, world_size: int, block_size: int, kind: str = "zigzag") -
     Raises:
         ValueError for a bad ``kind``, ``world_size``, ``block_size`` or lengths.
     """
-    _check_int("world_size", world_size)
-    _check_int("block_size", block_size)
+    check_int("world_size", world_size)
+    check_int("block_size", block_size)
     if kind not in LAYOUTS:
         raise ValueError(f"layout kind must be one of {LAYOUTS}, got {kind!r}")
     if isinstance(seqlens, torch.Tensor):
@@ -375,37 +377,20 @@ class _FetchBlocks(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- attention given a selection
-def _kernels(backend: str, q: torch.Tensor, block_size: int, topk: int) -> str:
-    """``"triton"`` when the fused kernels run this config, else ``"torch"``."""
-    if backend != "triton":
-        return "torch"
-    from .ops.triton_attention import unsupported_reason
-
-    return "torch" if unsupported_reason(q, block_size, topk) is not None else "triton"
+def _host_layout(cu_q: np.ndarray, cu_k: np.ndarray, block_size: int, device) -> BlockLayout:
+    """Layout of a local batch whose lengths are known on the host."""
+    cq = torch.as_tensor(cu_q, device=device)
+    ck = torch.as_tensor(cu_k, device=device)
+    return layout_from_lengths(np.diff(cu_q), np.diff(cu_k), block_size, cq, ck)
 
 
-# ----------------------------------------------------------------------------- selective plan
-def _gate(q: torch.Tensor, cent: torch.Tensor, layout: BlockLayout, topk: int,
-          kernels: str) -> torch.Tensor:
-    """Selections of all rows (global ids of ``layout``), exactly as the single-device op."""
-    if kernels == "triton":
-        from .ops.triton_gate import select_blocks_triton
-
-        return select_blocks_triton(q, cent, layout, topk)
-    return select_all(q, cent, layout, topk)
+def _local_centroids(k: torch.Tensor, layout: CPLayout, rank: int,
+                     be: backends.Backend) -> torch.Tensor:
+    cu = layout.local_cu_seqlens(rank)
+    return be.centroids(k, _host_layout(cu, cu, layout.block_size, k.device))
 
 
-def _local_centroids(k: torch.Tensor, layout: CPLayout, rank: int, kernels: str) -> torch.Tensor:
-    cu = torch.as_tensor(layout.local_cu_seqlens(rank), device=k.device)
-    blayout = BlockLayout.build(cu, cu, layout.block_size)
-    if kernels == "triton":
-        from .ops.triton_gate import block_centroids_triton
-
-        return block_centroids_triton(k, blayout)
-    return block_centroids(k, blayout)
-
-
-def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, kernels, deterministic,
+def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, be, deterministic,
                stats):
     dev, world, bs = q.device, layout.world_size, layout.block_size
     hkv, d = k.shape[1], k.shape[2]
@@ -416,7 +401,7 @@ def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, kernels, det
 
     # 1. centroids of every block: local ones computed here, all-gathered (fp32)
     with torch.no_grad():
-        cent_loc = _local_centroids(k.detach(), layout, rank, kernels)  # [nb_loc, Hkv, D]
+        cent_loc = _local_centroids(k.detach(), layout, rank, be)  # [nb_loc, Hkv, D]
         max_nb = max(len(layout.local_block_ids(r)) for r in range(world))
         gathered = _all_gather_padded(cent_loc, max(max_nb, 1), group)
         slot = np.concatenate([r * max(max_nb, 1) + np.arange(len(layout.local_block_ids(r)))
@@ -429,12 +414,11 @@ def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, kernels, det
         cu_q = layout.local_cu_seqlens(rank)
         ends = [e for _, _, e in pieces]
         cu_kv = np.concatenate([[0], np.cumsum(ends, dtype=np.int64)]).astype(np.int64)
-        vlay = BlockLayout.build(torch.as_tensor(cu_q, device=dev),
-                                 torch.as_tensor(cu_kv, device=dev), bs)
+        vlay = _host_layout(cu_q, cu_kv, bs, dev)
         vblocks = np.concatenate([np.arange(bo[i], bo[i] + (e + bs - 1) // bs)
                                   for i, _, e in pieces] or [np.zeros(0, np.int64)])
         vcent = cent[torch.as_tensor(vblocks, device=dev)]
-        sel_v = _gate(q.detach(), vcent, vlay, topk, kernels) if q.shape[0] else \
+        sel_v = be.select(q.detach(), vcent, vlay, topk, DEFAULT_CONFIG) if q.shape[0] else \
             torch.empty(0, q.shape[1], max(topk - 1, 0), dtype=torch.int64, device=dev)
         sel_v += 1  # virtual block id + 1, 0 = unused slot (so it can index tables directly)
 
@@ -501,10 +485,10 @@ def _selective(q, k, v, layout: CPLayout, group, rank, topk, scale, kernels, det
     k_c, v_c = src_k[idx], src_v[idx]
     sel_c = torch.as_tensor(lut, device=dev)[sel_v]
     del sel_v
-    clay = BlockLayout.build(torch.as_tensor(cu_q, device=dev),
-                             torch.as_tensor(np.asarray(cu_k, np.int64), device=dev), bs)
-    out, lse = MobaGivenSelection.apply(q.contiguous(), k_c.contiguous(), v_c.contiguous(), clay,
-                                        sel_c.contiguous(), topk, scale, kernels, deterministic)
+    clay = _host_layout(cu_q, np.asarray(cu_k, np.int64), bs, dev)
+    out, lse = moba_attention(q, k_c, v_c, clay, topk=topk, scale=scale, backend=be,
+                              config=DEFAULT_CONFIG, deterministic=deterministic,
+                              sel=sel_c.contiguous())
     if stats is not None:
         item = k.element_size()
         stats.update({
@@ -609,10 +593,10 @@ def moba_attn_cp(
     """
     rank, world = _group_info(group)
     four_d = q.dim() == 4
-    _check_qkv(q, k, v, 4 if four_d else 3,
+    check_qkv(q, k, v, 4 if four_d else 3,
                "[B, T_local, heads, head_dim]" if four_d else "[T_local, heads, head_dim]")
-    _check_int("block_size", block_size)
-    _check_int("topk", topk)
+    check_int("block_size", block_size)
+    check_int("topk", topk)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if q.shape[:-2] != k.shape[:-2]:
@@ -641,16 +625,15 @@ def moba_attn_cp(
     if q.shape[0] != layout.num_local(rank):
         raise ValueError(f"rank {rank} holds {layout.num_local(rank)} rows in this layout, "
                          f"q has {q.shape[0]}: shard with moba_attn.distributed.shard")
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    name = resolve_backend(backend, q.device)
+    scale = check_scale(softmax_scale, q.shape[-1])
+    be = backends.resolve(backend, q.device, q.dtype, q.shape[-1], block_size, topk)
     if mode == "allgather":
-        out, lse = _allgather(q, k, v, layout, group, rank, topk, scale, name, deterministic,
+        out, lse = _allgather(q, k, v, layout, group, rank, topk, scale, be.name, deterministic,
                               stats)
     else:
-        if name == "naive":
+        if be is backends.NAIVE:
             raise ValueError("mode='selective' runs the torch or triton path, not 'naive'")
-        kern = _kernels(name, q, block_size, topk)
-        out, lse = _selective(q, k, v, layout, group, rank, topk, scale, kern, deterministic,
+        out, lse = _selective(q, k, v, layout, group, rank, topk, scale, be, deterministic,
                               stats)
     if four_d:
         out = out.reshape(batch, t_local, *out.shape[1:])

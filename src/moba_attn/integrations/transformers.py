@@ -1,52 +1,56 @@
 """MoBA inside HuggingFace transformers models (5.x): one call to switch, one to switch back.
 
-    from moba_attn.integrations.transformers import enable_moba, disable_moba
-    model = enable_moba(model, block_size=512, topk=3, full_attn_layers=(-3, -2, -1))
+    import moba_attn.integrations.transformers as moba_hf   # registers "moba"
+    model = moba_hf.enable_moba(model, block_size=512, topk=3, full_attn_layers=(-3, -2, -1))
     model.generate(...)                      # MoBA prefill, MoBA (or dense) decode
-    model = disable_moba(model)              # the attention implementation it had before
+    model = moba_hf.disable_moba(model)      # the attention implementation it had before
 
-How it plugs in (nothing is patched at import time):
-- ``"moba"`` is registered in transformers' ``AttentionInterface`` (the attention function) and
-  ``AttentionMaskInterface`` (the mask function) when ``enable_moba`` (or ``register_moba``)
-  runs. The mask function does not build a ``[B, 1, Tq, Tk]`` mask: it returns a
-  :class:`MobaMask`, the ``[B, Tk]`` key-slot padding mask, so long contexts never allocate a
-  quadratic mask and the attention function knows which slots hold real tokens.
-- Settings live on the model config as ``config.moba`` (a dict: saved by ``save_pretrained``,
-  read back by ``from_pretrained``, per model). The attention function reads them from
-  ``module.config`` and ``module.layer_idx``.
-- Padding (left or right) is removed before attention: the real tokens of every row are
-  packed into flash-attn's varlen layout, so MoBA blocks start at each sequence's first real
-  token. Query positions come from the cache length (``Tk - Tq``) and the mask (bottom-right
-  alignment, as in the spec), never from the raw key count alone.
-- Sparse decode: every MoBA layer keeps the fp32 centroids of the *full* key blocks next to
-  the KV cache (a :class:`MobaDecodeState` attached to the cache's layer object, found through
-  a forward pre-hook that sees the ``cache`` / ``past_key_values`` argument), updated one
-  block at a time as blocks fill. A decode step costs O(Tk / block_size) for gating plus
-  O(topk * block_size) for attention (:func:`moba_decode_attention`: Triton kernels on CUDA,
-  the pure-PyTorch step elsewhere).
-- Layers in ``full_attn_layers`` (and, with ``decode="full"``, every call that has cached keys)
-  use PyTorch SDPA with the padding/causal mask, i.e. the model's dense attention.
+How it plugs in (registries, nothing patched):
+- Importing this module registers ``"moba"`` in transformers' ``AttentionInterface`` (the
+  attention function) and ``AttentionMaskInterface`` (the mask function). ``enable_moba``
+  stores the settings on ``config.moba`` and ``config.attn_implementation = "moba"``, so a
+  saved model loads back into MoBA with a plain ``from_pretrained`` once this module is
+  imported (and fails loudly, naming ``"moba"``, when it is not).
+- The mask function builds no ``[B, 1, Tq, Tk]`` mask: it returns a :class:`MobaMask`, one
+  per forward pass, shared by every layer. It holds the padding mask and the cache offset,
+  and prepares once per forward what the layers need (the block layout of the real tokens,
+  the cache lengths); an unpadded forward never syncs with the host, a padded one once.
+- Padding (left or right) is removed before attention: real tokens are packed into the
+  varlen layout, so MoBA blocks start at each sequence's first real token.
+- Sparse decode: each MoBA layer keeps the fp32 centroids of the cache's full key blocks
+  next to the KV cache (on the cache layer object), filled on the device as blocks complete
+  (``moba_attn.update_centroids``), and attends through ``moba_attn.moba_attn_with_kvcache``:
+  O(Tk / B) gate reads plus O(topk * B) keys per step, no host sync, CUDA-graph friendly.
+  ``DynamicCache`` and ``StaticCache`` (``cache_implementation="static"``, with
+  ``torch.compile``) are supported.
+- Layers in ``full_attn_layers`` (and, with ``decode="full"``, every call with cached keys)
+  run PyTorch SDPA, the model's dense attention.
 
-Limits: caches whose key length is not the number of tokens seen (``StaticCache``, sliding
-window caches) are rejected with a clear error; models with sliding-window or linear-attention
-layers are rejected at ``enable_moba``; attention dropout must be 0 in MoBA layers.
+Models with sliding-window or linear-attention layers are rejected at ``enable_moba``;
+attention dropout must be 0 in MoBA layers.
 """
 
 from __future__ import annotations
 
+import types
 import weakref
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..interface import moba_attn_func, moba_attn_varlen_func
-from ..ops.gate import sortable_key
+from ..interface import (
+    BACKENDS,
+    moba_attn_func,
+    moba_attn_varlen_func,
+    moba_attn_with_kvcache,
+    update_centroids,
+)
+from ..ops.layout import BlockLayout, layout_from_lengths
 
 try:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 except ImportError as exc:  # pragma: no cover - exercised only without transformers
     raise ImportError(
         "moba_attn.integrations.transformers needs transformers>=5.0: "
@@ -56,14 +60,13 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 __all__ = [
     "ATTN_NAME",
     "CONFIG_KEY",
-    "MobaDecodeState",
+    "CentroidCache",
     "MobaMask",
     "MobaSettings",
     "disable_moba",
     "enable_moba",
     "get_decode_state",
     "moba_attention_forward",
-    "moba_decode_attention",
     "moba_mask",
     "register_moba",
 ]
@@ -71,10 +74,9 @@ __all__ = [
 ATTN_NAME = "moba"  # the name registered in AttentionInterface / AttentionMaskInterface
 CONFIG_KEY = "moba"  # config attribute holding the settings dict
 DECODE_MODES = ("moba", "full")
-_STATE_ATTR = "_moba_decode_state"
+_STATE_ATTR = "_moba_centroids"
 _CACHE_REF_ATTR = "_moba_cache_ref"
 _HOOK_ATTR = "_moba_cache_hook"
-DECODE_CHUNK_ELEMS = 1 << 26  # gathered key elements per decode chunk of rows
 
 
 # ----------------------------------------------------------------------------- settings
@@ -109,10 +111,25 @@ class MobaSettings:
             )
         if isinstance(raw, MobaSettings):
             return raw
-        raw = dict(raw)
+        return _settings_from_dict(tuple(sorted((k, _freeze(v)) for k, v in raw.items())))
+
+
+def _freeze(v):
+    return tuple(v) if isinstance(v, list) else v
+
+
+_SETTINGS_CACHE: dict = {}
+
+
+def _settings_from_dict(items: tuple) -> MobaSettings:
+    """Settings from the frozen items of ``config.moba`` (memoised: immutable values)."""
+    hit = _SETTINGS_CACHE.get(items)
+    if hit is None:
+        raw = dict(items)
         raw["full_attn_layers"] = tuple(int(i) for i in raw.get("full_attn_layers", ()))
         known = MobaSettings.__dataclass_fields__
-        return MobaSettings(**{k: v for k, v in raw.items() if k in known})
+        hit = _SETTINGS_CACHE[items] = MobaSettings(**{k: v for k, v in raw.items() if k in known})
+    return hit
 
 
 def _check_settings(block_size, topk, decode, backend) -> None:
@@ -121,484 +138,482 @@ def _check_settings(block_size, topk, decode, backend) -> None:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
     if decode not in DECODE_MODES:
         raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
-    from ..interface import BACKENDS
-
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-# ----------------------------------------------------------------------------- mask function
+# ----------------------------------------------------------------------------- the per-forward mask
 class MobaMask:
     """What the ``"moba"`` mask function hands to every layer of one forward pass.
 
-    ``padding``: ``[B, Tk]`` bool, True where a key slot holds a real token (None: all real).
-    ``q_offset``: key slots already in the cache before this call (``Tk - Tq``).
-    Derived per-row facts (real-token counts, first real slot, slot table) are computed once
-    per forward and shared by all layers.
+    ``padding``: ``[B, L]`` bool, True where a key slot holds a real token (None: all real;
+    ``L`` may be shorter than the key buffer of a static cache). ``q_offset``: key slots in
+    the cache before this call (an int, or a 0-d device tensor for a static cache).
+    ``maybe_packed``: transformers saw position ids that restart (packed sequences).
+    Per-forward facts (the layout of the real tokens, cache lengths, left padding) are
+    computed once, by the first layer that needs them, and shared by the others.
     """
 
-    def __init__(self, padding: torch.Tensor | None, q_offset: int, q_length: int, kv_length: int):
+    def __init__(self, padding: torch.Tensor | None, q_offset, q_length: int, kv_length: int,
+                 maybe_packed: bool = False):
         self.padding = padding
         self.q_offset = q_offset
         self.q_length = q_length
         self.kv_length = kv_length
-        self._rows: _Rows | None = None
+        self.maybe_packed = maybe_packed
+        self._memo: dict = {}
 
+    # transformers passes an already prepared mask through as a 4D one (generate prepares
+    # the mask of compileable caches before the forward): it looks only at these
     @property
-    def shape(self):  # for code that only looks at a mask's shape
-        return (self.padding.shape[0] if self.padding is not None else 1, 1, self.q_length,
-                self.kv_length)
+    def shape(self):
+        b = self.padding.shape[0] if self.padding is not None else 1
+        return (b, 1, self.q_length, self.kv_length)
 
-    def rows(self) -> _Rows:
-        if self._rows is None:
-            self._rows = _Rows.build(self.padding, self.padding.shape[0], self.kv_length)
-        return self._rows
+    ndim = 4
+
+    def dim(self) -> int:
+        return 4
 
     def __repr__(self) -> str:
         pad = None if self.padding is None else tuple(self.padding.shape)
-        return f"MobaMask(padding={pad}, q_offset={self.q_offset}, q_length={self.q_length})"
+        return (f"MobaMask(padding={pad}, q_offset={self.q_offset}, q_length={self.q_length}, "
+                f"kv_length={self.kv_length})")
+
+    def _get(self, key, build):
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    # ---- the cache
+    def static(self) -> bool:
+        """The keys include slots not yet written (a static cache): lengths live on the device."""
+        return isinstance(self.q_offset, torch.Tensor) or \
+            self.kv_length != self.q_offset + self.q_length
+
+    def offset(self) -> int:
+        """Cached tokens before this call, on the host (one sync for a static cache)."""
+        return self._get("offset", lambda: int(self.q_offset))
+
+    def seqlens(self, batch: int, device) -> torch.Tensor:
+        """``[B]`` int64: the end of every row's valid key slots after this call (device)."""
+        def build():
+            if isinstance(self.q_offset, torch.Tensor):
+                end = (self.q_offset.to(device=device, dtype=torch.int64) + self.q_length)
+                return end.reshape(1).expand(batch).contiguous()
+            return torch.full((batch,), self.q_offset + self.q_length, dtype=torch.int64,
+                              device=device)
+        return self._get(("seqlens", batch), build)
+
+    def leftpad(self) -> torch.Tensor | None:
+        """``[B]`` first real slot of every row (left padding), or None; device-only."""
+        if self.padding is None:
+            return None
+        return self._get("leftpad", lambda: self.padding.to(torch.uint8).argmax(1))
+
+    # ---- the real tokens of this call (prefill, chunked prefill, training)
+    def rows(self) -> _Rows:
+        return self._get("rows", lambda: _Rows(self.padding))
+
+    def layout(self, block_size: int, past: int) -> BlockLayout:
+        """Layout of the packed real tokens: the last ``q_length`` slots' real tokens as
+        queries over the row's real tokens up to them (one host sync per forward)."""
+        return self._get(("layout", block_size, past),
+                         lambda: self.rows().layout(past, self.q_length, block_size))
+
+    def segments(self, position_ids, batch: int, t: int) -> tuple | None:
+        """Packed sequences inside rows (position ids restarting), once per forward (one host
+        copy)."""
+        return self._get("segments", lambda: _segments(position_ids, batch, t))
 
 
 class _Rows:
-    """Where the real tokens of each row sit among the key slots."""
+    """Where the real tokens of each row sit among the key slots: host counts from one
+    device-to-host copy, index tensors built on the device from them."""
 
-    def __init__(self, valid, n_real, first, contiguous):
-        self.valid = valid  # [B, Tk] bool or None (all real)
-        self.n_real = n_real  # [B] int64: real tokens per row
-        self.first = first  # [B] int64: first real slot per row
-        self.contiguous = contiguous  # real slots of row b are first[b] .. first[b]+n_real[b]-1
-        self.n_real_list = n_real.tolist()
-        self._table = None
+    def __init__(self, valid: torch.Tensor):
+        self.valid = valid  # [B, L] bool
+        n = valid.shape[1]
+        self.n_real_d = valid.sum(1)
+        self.first_d = valid.to(torch.uint8).argmax(1)
+        last = n - 1 - valid.flip(1).to(torch.uint8).argmax(1)
+        host = torch.stack([self.n_real_d, self.first_d, last]).tolist()  # the one host copy
+        self.n_real, self.first, self.last = host
+        self.contiguous = all(m == 0 or e - f + 1 == m for m, f, e in zip(*host))
+        self.full = all(m == n for m in self.n_real)  # no padding after all
+        self._memo: dict = {}
 
-    @staticmethod
-    def build(valid: torch.Tensor | None, batch: int, tk: int, device=None) -> _Rows:
-        if valid is None:
-            n = torch.full((batch,), tk, dtype=torch.int64, device=device)
-            return _Rows(None, n, torch.zeros_like(n), True)
-        n = valid.sum(1)
-        first = valid.to(torch.uint8).argmax(1)
-        j = torch.arange(tk, device=valid.device)
-        span = (j[None, :] >= first[:, None]) & (j[None, :] < (first + n)[:, None])
-        return _Rows(valid, n, first, bool(torch.equal(span, valid)))
+    def counts(self, lo: int, hi: int) -> list[int]:
+        """Real tokens of every row among slots ``[lo, hi)`` (host)."""
+        if not self.contiguous:
+            return self._memo.setdefault(("counts", lo, hi), self.valid[:, lo:hi].sum(1).tolist())
+        return [max(min(f + m, hi) - max(f, lo), 0) for m, f in zip(self.n_real, self.first)]
 
-    def slots(self, b: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Key slot of real position ``pos`` of row ``b`` (broadcasting)."""
-        if self.contiguous:
-            return self.first[b] + pos
-        if self._table is None:  # real slots first, in order
-            self._table = torch.argsort((~self.valid).to(torch.uint8), dim=1, stable=True)
-        return self._table[b, pos]
+    def index(self, lo: int, hi: int, width: int, shift: int = 0) -> torch.Tensor:
+        """``b * width + slot - shift`` of every real slot in ``[lo, hi)``, row-major (device)."""
+        key = ("index", lo, hi, width, shift)
+        if key in self._memo:
+            return self._memo[key]
+        if not self.contiguous:  # holes inside rows: one more sync
+            rows, cols = self.valid[:, lo:hi].nonzero(as_tuple=True)
+            idx = rows * width + cols + lo - shift
+        else:
+            s = self.first_d.clamp(min=lo)
+            cnt = ((self.first_d + self.n_real_d).clamp(max=hi) - s).clamp(min=0)
+            total = sum(self.counts(lo, hi))
+            dev = self.valid.device
+            seg = torch.repeat_interleave(torch.arange(cnt.shape[0], device=dev), cnt,
+                                          output_size=total)
+            off = torch.arange(total, device=dev) - (torch.cumsum(cnt, 0) - cnt)[seg]
+            idx = seg * width + s[seg] + off - shift
+        self._memo[key] = idx
+        return idx
+
+    def layout(self, past: int, q_length: int, block_size: int) -> BlockLayout:
+        """Layout of the real tokens: queries in slots ``[past, past + q_length)``, keys in
+        ``[0, past + q_length)`` (host lengths known, ``cu_seqlens`` made on the device)."""
+        hi = past + q_length
+        lq, lk = self.counts(past, hi), self.counts(0, hi)
+        dev = self.valid.device
+
+        def cu(counts):
+            c = torch.as_tensor(counts, dtype=torch.int64).pin_memory() \
+                if dev.type == "cuda" else torch.as_tensor(counts, dtype=torch.int64)
+            c = c.to(dev, non_blocking=True)
+            return torch.cat([c.new_zeros(1), torch.cumsum(c, 0)])
+
+        return layout_from_lengths(lq, lk, block_size, cu(lq), cu(lk))
+
+
+def _segments(position_ids, batch: int, t: int):
+    """``(cu_seqlens [n + 1] int32, lengths)`` of the packed sequences inside the rows (one
+    host copy of the position ids), or None when position ids never restart."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or \
+            position_ids.shape[-1] != t:
+        return None
+    pid = position_ids.expand(batch, -1).detach().cpu()
+    starts = torch.ones_like(pid, dtype=torch.bool)
+    starts[:, 1:] = (pid[:, 1:] - pid[:, :-1]) != 1
+    flat = starts.reshape(-1).nonzero().squeeze(1)
+    if flat.numel() == batch:
+        return None
+    cu = torch.cat([flat, flat.new_tensor([batch * t])])
+    lens = (cu[1:] - cu[:-1]).tolist()
+    dev = position_ids.device
+    if dev.type == "cuda":
+        cu = cu.pin_memory().to(dev, non_blocking=True)
+    return cu.to(device=dev, dtype=torch.int32), lens
 
 
 def moba_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
               attention_mask=None, **kwargs):
-    """``AttentionMaskInterface`` entry for ``"moba"``: returns a :class:`MobaMask` or None.
-
-    None means every key slot is a real token. Raises ``ValueError`` for caches whose key
-    length is not the number of tokens seen (``StaticCache``, sliding-window caches).
-    """
-    q_offset = int(q_offset)
-    kv_offset, kv_length, q_length = int(kv_offset), int(kv_length), int(q_length)
-    if kv_offset != 0 or q_offset + q_length != kv_length:
-        raise ValueError(
-            "MoBA needs a KV cache whose key length equals the tokens seen so far (DynamicCache, "
-            f"the default); got {q_offset} cached + {q_length} new tokens but {kv_length} key "
-            f"slots (offset {kv_offset}). StaticCache / sliding-window caches are not supported: "
-            "use generate() without cache_implementation='static'."
-        )
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() != 2:
+    """``AttentionMaskInterface`` entry for ``"moba"``: a :class:`MobaMask` for the forward."""
+    if isinstance(attention_mask, MobaMask):  # prepared before the forward (generate)
         return attention_mask
-    pad = attention_mask.to(torch.bool)
-    if pad.shape[1] != kv_length:
+    if isinstance(q_offset, torch.Tensor):
+        q_offset = q_offset.clone()  # the cache advances it in place during the forward
+    if int(kv_offset) != 0:
         raise ValueError(
-            f"attention_mask covers {pad.shape[1]} positions but the keys have {kv_length}: pass "
-            "a 2D mask over all tokens seen so far (cached + new)"
-        )
-    if pad.shape[0] != batch_size:
-        pad = pad.expand(batch_size, -1)
-    if bool(pad.all()):
-        return None
-    return MobaMask(pad, q_offset, q_length, kv_length)
+            f"MoBA needs a KV cache whose slots start at the first token (offset {kv_offset}): "
+            "sliding-window caches are not supported")
+    pad = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        pad = attention_mask.to(torch.bool)
+        if pad.shape[0] != batch_size:
+            pad = pad.expand(batch_size, -1)
+        if pad.shape[1] > kv_length:
+            raise ValueError(f"attention_mask covers {pad.shape[1]} positions but the keys have "
+                             f"{kv_length}: pass a 2D mask over the tokens seen so far")
+    elif attention_mask is not None:
+        return attention_mask  # a prepared 4D mask: the dense layers use it, MoBA layers refuse
+    return MobaMask(pad, q_offset, int(q_length), int(kv_length),
+                    maybe_packed=mask_function is not None
+                    and mask_function is not causal_mask_function)
 
 
 # ----------------------------------------------------------------------------- decode state
-class MobaDecodeState:
-    """fp32 centroids of the full key blocks of one layer's KV cache, per batch row.
+@dataclass
+class CentroidCache:
+    """fp32 ``[B, NB, Hkv, D]`` mean keys of the full blocks of one layer's KV cache (block
+    ``j`` of row ``b`` = real tokens ``j*B .. (j+1)*B - 1``), kept on the cache layer."""
 
-    ``centroids[b, j]`` is the mean key of block ``j`` of row ``b`` (block ``j`` = real tokens
-    ``j*B .. j*B+B-1``), valid for ``j < n_full[b]``. ``advance`` computes only the blocks that
-    filled since the last call. ``blocks_computed`` counts centroid computations (one per
-    block), ``rebuilds`` counts the times the state had to start over on a non-empty cache.
-    """
-
-    def __init__(self, batch: int, hkv: int, d: int, block_size: int, device):
-        self.block_size = block_size
-        self.centroids = torch.zeros(batch, 0, hkv, d, dtype=torch.float32, device=device)
-        self.n_full = [0] * batch
-        self.n_real = [0] * batch
-        self.n_slots = 0
-        self.last_key: torch.Tensor | None = None
-        self.blocks_computed = 0
-        self.rebuilds = 0
-
-    @property
-    def batch(self) -> int:
-        return len(self.n_full)
-
-    def matches(self, key: torch.Tensor, past: int, prev_real: list[int], bs: int) -> bool:
-        """True when this state describes the first ``past`` slots of ``key`` with blocks of
-        ``bs`` tokens (same slot count, batch, real-token counts and last cached key)."""
-        if past == 0 or self.n_slots != past or self.batch != key.shape[0] or bs != self.block_size:
-            return False
-        if self.centroids.shape[2:] != key.shape[1:2] + key.shape[3:]:
-            return False
-        if self.centroids.device != key.device or self.n_real != prev_real:
-            return False
-        return self.last_key is not None and torch.equal(self.last_key, key[:, :, past - 1])
-
-    @torch.no_grad()
-    def advance(self, key: torch.Tensor, rows: _Rows, n_real: list[int], n_slots: int) -> None:
-        """Cover real tokens ``0 .. n_real[b]-1`` of every row: centroids of blocks that filled."""
-        bs = self.block_size
-        pairs = [(b, j) for b in range(self.batch) for j in range(self.n_full[b], n_real[b] // bs)]
-        if pairs:
-            need = max(j for _, j in pairs) + 1
-            cap = self.centroids.shape[1]
-            if need > cap:
-                grow = self.centroids.new_zeros(
-                    (self.batch, max(need, 2 * cap) - cap) + self.centroids.shape[2:])
-                self.centroids = torch.cat([self.centroids, grow], 1)
-            dev = key.device
-            pb = torch.tensor([p[0] for p in pairs], dtype=torch.int64, device=dev)
-            pj = torch.tensor([p[1] for p in pairs], dtype=torch.int64, device=dev)
-            step = max(1, (1 << 22) // max(bs * key.shape[1] * key.shape[3], 1))
-            off = torch.arange(bs, device=dev)
-            for s in range(0, len(pairs), step):
-                b, j = pb[s : s + step], pj[s : s + step]
-                slot = rows.slots(b[:, None], j[:, None] * bs + off[None, :])  # [P, B]
-                kb = key[b[:, None], :, slot, :]  # [P, B, Hkv, D]
-                self.centroids[b, j] = kb.float().sum(1) / bs
-            self.blocks_computed += len(pairs)
-            for b in range(self.batch):
-                self.n_full[b] = max(self.n_full[b], n_real[b] // bs)
-        self.n_real = list(n_real)
-        self.n_slots = n_slots
-        self.last_key = key[:, :, n_slots - 1].detach().clone() if n_slots else None
+    centroids: torch.Tensor
+    block_size: int
 
 
-def get_decode_state(cache, layer_idx: int) -> MobaDecodeState | None:
-    """The decode state MoBA keeps for ``layer_idx`` of ``cache`` (None if there is none)."""
+def get_decode_state(cache, layer_idx: int) -> CentroidCache | None:
+    """The centroid cache MoBA keeps for ``layer_idx`` of ``cache`` (None if there is none)."""
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
         return None
     return getattr(layers[layer_idx], _STATE_ATTR, None)
 
 
-def _state_holder(module):
-    """The object the decode state lives on: the cache's layer, else the attention module."""
+def _cache_layer(module):
     ref = getattr(module, _CACHE_REF_ATTR, None)
     cache = ref() if ref is not None else None
     layers = getattr(cache, "layers", None)
     if layers is not None and module.layer_idx < len(layers):
-        holder = layers[module.layer_idx]
-        if hasattr(holder, "__dict__"):
-            return holder
-    return module
+        return layers[module.layer_idx]
+    return None
 
 
+def _move_rows(layer, how: str, arg) -> None:
+    state = getattr(layer, _STATE_ATTR, None)
+    if state is not None:
+        c = state.centroids
+        state.centroids = c.index_select(0, arg.to(c.device)) if how == "index" else \
+            c.repeat_interleave(arg, 0)
+
+
+def _reorder_cache(self, beam_idx):
+    type(self).reorder_cache(self, beam_idx)
+    _move_rows(self, "index", beam_idx)
+
+
+def _batch_select_indices(self, indices):
+    type(self).batch_select_indices(self, indices)
+    _move_rows(self, "index", indices)
+
+
+def _batch_repeat_interleave(self, repeats):
+    type(self).batch_repeat_interleave(self, repeats)
+    _move_rows(self, "repeat", repeats)
+
+
+_ROW_MOVES = {"reorder_cache": _reorder_cache, "batch_select_indices": _batch_select_indices,
+              "batch_repeat_interleave": _batch_repeat_interleave}
+
+
+def _follow_row_moves(layer) -> None:
+    """Make the cache layer's row reorders (beam search, contrastive search, repeats) move
+    the centroids with the keys: the layer instance gets bound methods that call its class's
+    own and then move the centroids (``copy.deepcopy`` rebinds them to the copy)."""
+    for name, fn in _ROW_MOVES.items():
+        if hasattr(type(layer), name) and name not in layer.__dict__:
+            setattr(layer, name, types.MethodType(fn, layer))
+
+
+def _centroids_for(layer, key_cache: torch.Tensor, block_size: int,
+                   static: bool) -> tuple[torch.Tensor, bool]:
+    """This layer's centroid buffer, sized for ``key_cache [B, T, Hkv, D]`` (grown for a
+    growing cache, allocated once at full size for a static one), and whether it is new
+    (then every full block must be computed)."""
+    bsz, t, hkv, d = key_cache.shape
+    need = t // block_size
+    state = getattr(layer, _STATE_ATTR, None) if layer is not None else None
+    ok = (state is not None and state.block_size == block_size
+          and state.centroids.shape[0] == bsz and state.centroids.shape[2:] == (hkv, d)
+          and state.centroids.device == key_cache.device)
+    if ok and state.centroids.shape[1] >= need:
+        return state.centroids, False
+    cap = need if static else max(need, 2 * (state.centroids.shape[1] if ok else 0), 16)
+    cent = torch.zeros(bsz, cap, hkv, d, dtype=torch.float32, device=key_cache.device)
+    if ok:
+        cent[:, : state.centroids.shape[1]] = state.centroids
+    if static and not torch.compiler.is_compiling():
+        torch._dynamo.mark_static_address(cent)  # updated in place under CUDA graphs
+    if layer is not None:
+        setattr(layer, _STATE_ATTR, CentroidCache(cent, block_size))
+        _follow_row_moves(layer)
+    return cent, not ok
+
+
+# ----------------------------------------------------------------------------- attention paths
 def _install_hook(module) -> None:
     setattr(module, _HOOK_ATTR, module.register_forward_pre_hook(_capture_cache, with_kwargs=True))
 
 
 def _capture_cache(module, args, kwargs):
     """Forward pre-hook on attention modules: remember (weakly) which cache this call uses."""
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
     try:
         ref = weakref.ref(cache) if cache is not None else None
     except TypeError:
         ref = None
-    setattr(module, _CACHE_REF_ATTR, ref)
-
-
-# ----------------------------------------------------------------------------- attention paths
-DECODE_BACKENDS = ("auto", "torch", "triton")
-DECODE_BACKEND = "auto"  # default of moba_decode_attention: Triton on CUDA, else PyTorch
-
-
-def _decode_backend(q, key, block_size: int, topk: int, backend: str | None) -> str:
-    """``"triton"`` or ``"torch"``: which implementation runs this decode step."""
-    backend = DECODE_BACKEND if backend is None else backend
-    if backend not in DECODE_BACKENDS:
-        raise ValueError(f"decode backend must be one of {DECODE_BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
-        return "torch"
-    try:
-        from ..ops.triton_decode import unsupported_reason
-    except ImportError as exc:
-        if backend == "triton":
-            raise ImportError("the Triton decode kernels need triton: "
-                              "pip install 'moba-attn[triton]'") from exc
-        return "torch"
-    reason = unsupported_reason(q, key, block_size, topk)
-    if reason is None:
-        return "triton"
-    if backend == "triton":
-        raise ValueError(f"backend='triton' cannot run this decode step: {reason}")
-    return "torch"
-
-
-def moba_decode_attention(q, key, value, first, n_real, centroids, *, block_size, topk, scale,
-                          backend: str | None = None):
-    """One MoBA decode step per row, gating against cached centroids.
-
-    Args:
-        q: ``[B, Hq, D]``, the query at real position ``n_real[b] - 1`` of row ``b``.
-        key, value: ``[B, Hkv, Tk, D]`` cache; the real tokens of row ``b`` are slots
-            ``first[b] .. first[b] + n_real[b] - 1`` (left padding or none).
-        first, n_real: ``[B]`` int64 on q's device.
-        centroids: ``[B, NB, Hkv, D]`` fp32 mean keys of the row's full blocks; every block
-            before the query's own block must be there (more columns are ignored).
-        block_size, topk, scale: as in ``moba_attn_varlen_func``.
-        backend: ``"triton"`` (``ops.triton_decode``: a few kernel launches, no host sync),
-            ``"torch"`` (``_decode_rows``, the reference), ``"auto"`` (Triton for CUDA tensors
-            the kernels cover, else torch); None: the module's ``DECODE_BACKEND``.
-
-    Returns ``[B, Hq, D]`` in q's dtype; rows with ``n_real == 0`` get zeros. Gating reads
-    O(NB) centroids, attention O(topk * block_size) keys per head. Raises ``ValueError`` for
-    an unknown backend, or ``backend="triton"`` on a call the kernels do not cover.
-    """
-    if _decode_backend(q, key, block_size, topk, backend) == "triton":
-        from ..ops.triton_decode import moba_decode_triton
-
-        return moba_decode_triton(q, key, value, first, n_real, centroids, block_size=block_size,
-                                  topk=topk, scale=scale)
-    bsz, hq, d = q.shape
-    n_sel = min(topk, centroids.shape[1] + 1)
-    step = max(1, DECODE_CHUNK_ELEMS // max(hq * n_sel * block_size * d, 1))
-    if bsz <= step:
-        return _decode_rows(q, key, value, first, n_real, centroids, block_size, topk, scale)
-    return torch.cat([
-        _decode_rows(q[r : r + step], key[r : r + step], value[r : r + step], first[r : r + step],
-                     n_real[r : r + step], centroids[r : r + step], block_size, topk, scale)
-        for r in range(0, bsz, step)
-    ])
-
-
-def _decode_rows(q, key, value, first, n_real, centroids, block_size, topk, scale):
-    bsz, hq, d = q.shape
-    hkv, tk = key.shape[1], key.shape[2]
-    g = hq // hkv
-    dev = q.device
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    t = n_real - 1  # [B] position of the query
-    own = t.clamp(min=0) // block_size  # [B]
-    nb = centroids.shape[1]
-    m = min(topk - 1, nb)
-    blocks = own[:, None, None, None].expand(bsz, hkv, g, 1)
-    ok = torch.ones_like(blocks, dtype=torch.bool)
-    if m > 0:
-        qg = q.float().view(bsz, hkv, g, d)
-        scores = torch.einsum("bkgd,bnkd->bkgn", qg, centroids)  # [B, Hkv, g, NB] fp32
-        cand = torch.arange(nb, device=dev)[None, :] < own[:, None]  # strictly earlier blocks
-        scores = scores.masked_fill(~cand[:, None, None, :], float("-inf"))
-        idx = sortable_key(scores).topk(m, dim=-1).indices  # ties -> lower block index
-        blocks = torch.cat([blocks, idx], -1)
-        ok = torch.cat([ok, idx < own[:, None, None, None]], -1)
-    n_sel = blocks.shape[-1]
-    pos = blocks[..., None] * block_size + torch.arange(block_size, device=dev)  # [B,Hkv,g,S,Bs]
-    tok_ok = ok[..., None] & (pos <= t[:, None, None, None, None])
-    slot = (first[:, None, None, None, None] + pos).clamp_(0, max(tk - 1, 0))
-    slot = slot.reshape(bsz, hkv, g * n_sel * block_size, 1).expand(-1, -1, -1, d)
-    ks = key.gather(2, slot).view(bsz, hkv, g, n_sel * block_size, d)  # [B, Hkv, g, N, D]
-    vs = value.gather(2, slot).view(bsz, hkv, g, n_sel * block_size, d)
-    qc = q.to(cdt).view(bsz, hkv, g, 1, d)
-    s = torch.matmul(qc, ks.to(cdt).transpose(-1, -2)).squeeze(-2) * scale  # [B, Hkv, g, N]
-    s = s.masked_fill(~tok_ok.reshape(bsz, hkv, g, -1), float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    out = torch.matmul(p.unsqueeze(-2), vs.to(cdt)).reshape(bsz, hq, d)
-    out = torch.where((n_real > 0)[:, None, None], out, torch.zeros_like(out))
-    return out.to(q.dtype)
-
-
-def _segments(position_ids, batch: int, t: int):
-    """Packed sequences inside rows (position ids restarting), as ``[B, T]`` ids, or None."""
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
-        return None
-    if position_ids.shape[-1] != t:
-        return None
-    pid = position_ids.expand(batch, -1)
-    starts = torch.ones_like(pid, dtype=torch.bool)
-    starts[:, 1:] = (pid[:, 1:] - pid[:, :-1]) != 1
-    if not bool(starts[:, 1:].any()):
-        return None
-    return starts.cumsum(1)
-
-
-def _moba_prefill(query, key, value, rows: _Rows, seg, past: int, s: MobaSettings, scaling):
-    """MoBA for a prefill or chunked-prefill call: real tokens packed into the varlen layout."""
-    bsz, hq, tq, d = query.shape
-    tk = key.shape[2]
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, T, H, D]
-    common = {"block_size": s.block_size, "topk": s.topk, "softmax_scale": scaling,
-              "backend": s.backend, "deterministic": s.deterministic}
-    if rows.valid is None and seg is None:
-        return moba_attn_func(q, k, v, validate=False, **common)
-    dev = query.device
-    if seg is not None:  # packed sequences, no padding, no cache: one varlen sequence each
-        lens = torch.stack([torch.bincount(r, minlength=int(seg.max()) + 1)[1:] for r in seg])
-        lens = lens.reshape(-1)
-        cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-        mx = int(lens.max())
-        out = moba_attn_varlen_func(q.reshape(bsz * tq, hq, d), k.reshape(bsz * tk, -1, d),
-                                    v.reshape(bsz * tk, -1, d), cu, cu, mx, mx, validate=False,
-                                    **common)
-        return out.view(bsz, tq, hq, d)
-    valid = rows.valid
-    qv = valid[:, past:]
-    nq, nk = qv.sum(1), rows.n_real
-    cu_q = F.pad(nq.cumsum(0), (1, 0)).to(torch.int32)
-    cu_k = F.pad(nk.cumsum(0), (1, 0)).to(torch.int32)
-    out = moba_attn_varlen_func(q[qv], k[valid], v[valid], cu_q, cu_k, int(nq.max()),
-                                int(nk.max()), validate=False, **common)
-    full = out.new_zeros(bsz, tq, hq, d)
-    return full.index_put((qv,), out).to(dev)
-
-
-def _dense_attention(module, query, key, value, rows: _Rows, seg, dropout, scaling, kwargs):
-    """Dense causal attention (PyTorch SDPA, as transformers' "sdpa") with padding/segments."""
-    bsz, _, tq, _ = query.shape
-    tk = key.shape[2]
-    past = tk - tq
-    mask = None
-    if rows.valid is not None or seg is not None or (tq > 1 and tq != tk):
-        i = torch.arange(tq, device=query.device)[:, None] + past
-        j = torch.arange(tk, device=query.device)[None, :]
-        mask = (j <= i)[None, None].expand(bsz, 1, tq, tk)
-        if rows.valid is not None:
-            mask = mask & rows.valid[:, None, None, :]
-        if seg is not None:
-            mask = mask & (seg[:, None, :, None] == seg[:, None, None, :])
-        mask = mask | (j == i)  # a padded query keeps its own slot: no empty row, no NaN
-    kwargs.pop("is_causal", None)
-    return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout,
-                                  scaling=scaling, **kwargs)
+    module.__dict__[_CACHE_REF_ATTR] = ref
 
 
 def _common_dtype(query, key, value):
     """Under autocast, cast q/k/v to the autocast dtype as SDPA does (RoPE often leaves q/k in
     fp32 while v is bf16); otherwise k/v follow q."""
     dev = query.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-    else:
-        dtype = query.dtype
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
     return query.to(dtype), key.to(dtype), value.to(dtype)
+
+
+def _packed(query, key, value, mask: MobaMask, past: int, s: MobaSettings, scaling, seg):
+    """MoBA over this call's real tokens (prefill, chunked prefill, training): queries are
+    the last ``Tq`` slots, keys the slots up to them."""
+    bsz, hq, tq, d = query.shape
+    hi = past + tq
+    q = query.transpose(1, 2)
+    k, v = key[:, :, :hi].transpose(1, 2), value[:, :, :hi].transpose(1, 2)  # [B, T, H, D]
+    common = {"block_size": s.block_size, "topk": s.topk, "softmax_scale": scaling,
+              "backend": s.backend, "deterministic": s.deterministic}
+    if seg is None and (mask.padding is None or mask.rows().full):
+        return moba_attn_func(q, k, v, **common)
+    if seg is not None:  # packed sequences, no padding, no cache: one varlen sequence each
+        cu, lens = seg
+        lay = mask._get(("seg_layout", s.block_size),
+                        lambda: layout_from_lengths(lens, lens, s.block_size, cu, cu))
+        out = moba_attn_varlen_func(q.reshape(bsz * tq, hq, d), k.reshape(bsz * tq, -1, d),
+                                    v.reshape(bsz * tq, -1, d), cu, cu, lay.max_len_q,
+                                    lay.max_len_k, validate=False, layout=lay, **common)
+        return out.view(bsz, tq, hq, d)
+    rows = mask.rows()
+    lay = mask.layout(s.block_size, past)
+    q_rows = rows.index(past, hi, tq, shift=past)  # real query slots in [B * Tq]
+    k_rows = rows.index(0, hi, hi)  # real key slots in [B * hi]
+    out = moba_attn_varlen_func(q.reshape(bsz * tq, hq, d).index_select(0, q_rows),
+                                k.reshape(bsz * hi, -1, d).index_select(0, k_rows),
+                                v.reshape(bsz * hi, -1, d).index_select(0, k_rows),
+                                lay.cu_seqlens_q, lay.cu_seqlens_k, lay.max_len_q,
+                                lay.max_len_k, validate=False, layout=lay, **common)
+    full = out.new_zeros(bsz * tq, hq, d)
+    return full.index_copy_(0, q_rows, out).view(bsz, tq, hq, d)
+
+
+def _dense(module, query, key, value, mask: MobaMask | None, seg, dropout, scaling, kwargs,
+           user_mask=None):
+    """Dense causal attention (PyTorch SDPA, as transformers' "sdpa") over the valid slots."""
+    kwargs.pop("is_causal", None)
+    if user_mask is not None:
+        return sdpa_attention_forward(module, query, key, value, user_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    bsz, _, tq, _ = query.shape
+    tk = key.shape[2]
+    plain = mask is None or (mask.padding is None and seg is None and not mask.static())
+    if plain and (tq == 1 or tq == tk):
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    dev = query.device
+    offset = (tk - tq) if mask is None else mask.q_offset
+    if isinstance(offset, torch.Tensor):
+        offset = offset.to(dev)
+    i = torch.arange(tq, device=dev)[:, None] + offset
+    j = torch.arange(tk, device=dev)[None, :]
+    allowed = (j <= i)[None, None].expand(bsz, 1, tq, tk)
+    if mask is not None and mask.padding is not None:
+        pad = mask.padding
+        if pad.shape[1] < tk:
+            pad = torch.cat([pad, pad.new_ones(bsz, tk - pad.shape[1])], 1)
+        allowed = allowed & pad[:, None, None, :]
+    if seg is not None:
+        cu = seg[0].long()
+        sid = torch.bucketize(torch.arange(bsz * tq, device=dev), cu[1:-1], right=True)
+        sid = sid.view(bsz, tq)
+        allowed = allowed & (sid[:, None, :, None] == sid[:, None, None, :])
+    allowed = allowed | (j == i)  # a padded query keeps its own slot: no empty row, no NaN
+    return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout,
+                                  scaling=scaling, **kwargs)
 
 
 def moba_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, **kwargs):
     """``AttentionInterface`` entry for ``"moba"``.
 
-    query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` (the whole cache, Tq new tokens at
-    the end); ``attention_mask`` is what :func:`moba_mask` returned. Returns
-    ``(out [B, Tq, Hq, D], None)``; outputs at padded query positions are zeros.
+    query ``[B, Hq, Tq, D]``, key/value ``[B, Hkv, Tk, D]`` (the whole cache, the Tq new
+    tokens' keys already in it); ``attention_mask`` is what :func:`moba_mask` returned.
+    Returns ``(out [B, Tq, Hq, D], None)``; outputs at padded query positions are zeros.
     """
     s = MobaSettings.from_config(module.config)
     query, key, value = _common_dtype(query, key, value)
     bsz, _, tq, d = query.shape
     tk = key.shape[2]
-    past = tk - tq
-    if past < 0:
-        raise ValueError(f"got {tq} queries but only {tk} keys: MoBA needs Tq <= Tk")
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         raise ValueError("MoBA needs the attention module's layer index (module.layer_idx)")
+    if tq > tk:
+        raise ValueError(f"got {tq} queries but only {tk} keys: MoBA needs Tq <= Tk")
     if scaling is None:
         scaling = d ** -0.5
 
     user_mask = None
     if isinstance(attention_mask, MobaMask):
-        if attention_mask.kv_length != tk or attention_mask.q_offset != past:
-            raise ValueError(
-                f"MoBA mask covers {attention_mask.kv_length} key slots with "
-                f"{attention_mask.q_offset} "
-                f"cached, but the layer got {tk} keys with {past} cached: the KV cache must hold "
-                "exactly the tokens seen so far (DynamicCache)"
-            )
-        rows = attention_mask.rows()
-    elif attention_mask is None:
-        rows = _Rows.build(None, bsz, tk, query.device)
-    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        m = moba_mask(bsz, tq, tk, past, 0, attention_mask=attention_mask)
-        rows = m.rows() if m is not None else _Rows.build(None, bsz, tk, query.device)
+        mask = attention_mask
+        if mask.kv_length != tk:
+            raise ValueError(f"the MoBA mask covers {mask.kv_length} key slots but the layer got "
+                             f"{tk}: the KV cache must hold the tokens seen so far")
+    elif attention_mask is None or (isinstance(attention_mask, torch.Tensor)
+                                    and attention_mask.dim() == 2):
+        mask = moba_mask(bsz, tq, tk, tk - tq, 0, attention_mask=attention_mask)
     else:
-        user_mask = attention_mask  # a 4D mask prepared by the caller
-        rows = _Rows.build(None, bsz, tk, query.device)
+        mask, user_mask = None, attention_mask  # a 4D mask prepared by the caller
 
+    compiling = torch.compiler.is_compiling()
+    # whether this call has cached tokens before it: a static cache keeps its length on the
+    # device, read once (eager multi-token calls) or assumed (one-token and compiled calls;
+    # a one-token prefill is the same attention either way)
+    cached = mask is not None and (
+        mask.q_offset != 0 if not mask.static() else (tq == 1 or compiling or mask.offset() > 0))
     seg = None
-    if past == 0 and rows.valid is None:  # padding-free packing: position ids restart
-        seg = _segments(kwargs.get("position_ids"), bsz, tq)
-    dense = layer in s.full_attn_layers or (past > 0 and s.decode == "full")
-    if dense:
-        if user_mask is not None:
-            kwargs.pop("is_causal", None)
-            return sdpa_attention_forward(module, query, key, value, user_mask, dropout=dropout,
-                                          scaling=scaling, **kwargs)
-        return _dense_attention(module, query, key, value, rows, seg, dropout, scaling, kwargs)
-    if user_mask is not None:
-        raise ValueError(
-            "MoBA layers take a 2D padding mask ([batch, tokens]); a prepared 4D attention mask "
-            "cannot be routed by blocks. Pass the 2D attention_mask instead."
-        )
+    if mask is not None and not cached and mask.padding is None and mask.maybe_packed:
+        seg = mask.segments(kwargs.get("position_ids"), bsz, tq)
+    if layer in s.full_attn_layers or (cached and s.decode == "full") or user_mask is not None:
+        if user_mask is not None and layer not in s.full_attn_layers and \
+                not (cached and s.decode == "full"):
+            raise ValueError(
+                "MoBA layers take a 2D padding mask ([batch, tokens]); a prepared 4D attention "
+                "mask cannot be routed by blocks. Pass the 2D attention_mask instead.")
+        return _dense(module, query, key, value, mask, seg, dropout, scaling, kwargs, user_mask)
     if dropout and module.training:
-        raise ValueError(
-            f"MoBA layers do not implement attention dropout (got p={dropout}): set "
-            "config.attention_dropout = 0.0"
-        )
+        raise ValueError(f"MoBA layers do not implement attention dropout (got p={dropout}): "
+                         "set config.attention_dropout = 0.0")
     if kwargs.get("sliding_window") is not None:
         raise ValueError("MoBA does not combine with sliding-window attention layers")
 
-    keep_state = s.decode == "moba" and seg is None and (
-        past > 0 or (bool(kwargs.get("use_cache")) and not module.training))
-    if not keep_state:
-        return _moba_prefill(query, key, value, rows, seg, past, s, scaling), None
+    cache_layer = _cache_layer(module) if s.decode == "moba" and seg is None else None
+    if not cached:  # training, or a prefill that fills an empty (maybe static) cache
+        out = _packed(query, key, value, mask, 0, s, scaling, seg)
+        if cache_layer is not None:
+            _fill_centroids(cache_layer, key, mask, s, tq)
+        return out, None
+    if tq == 1 or compiling:  # decode (and compiled multi-token steps): over the cache
+        k_cache = key.transpose(1, 2)
+        leftpad = mask.leftpad()
+        seqlens = mask.seqlens(bsz, query.device)
+        cent = _fill_centroids(cache_layer, key, mask, s, tq)
+        out = moba_attn_with_kvcache(query.transpose(1, 2), k_cache, value.transpose(1, 2),
+                                     seqlens, block_size=s.block_size, topk=s.topk,
+                                     softmax_scale=scaling, centroids=cent,
+                                     cache_leftpad=leftpad, validate=False, backend=s.backend)
+        return out, None
+    past = mask.offset()  # eager multi-token call: one host read of the cache length
+    out = _packed(query, key, value, mask, past, s, scaling, None)
+    if cache_layer is not None:
+        _fill_centroids(cache_layer, key, mask, s, tq)
+    return out, None
 
-    if getattr(module, _HOOK_ATTR, None) is None:  # loaded straight into "moba": hook up now
-        _install_hook(module)
-    holder = _state_holder(module)
-    state = getattr(holder, _STATE_ATTR, None)
-    n_real = rows.n_real_list
-    if rows.valid is None:
-        prev_real = [past] * bsz
+
+def _fill_centroids(cache_layer, key, mask: MobaMask, s: MobaSettings, tq: int):
+    """Add the centroids of the blocks this call's ``tq`` tokens completed to the layer's
+    centroid cache, or of every full block when the cache has none yet (a cache filled
+    elsewhere), and return the buffer. Device-side only."""
+    bsz = key.shape[0]
+    k_cache = key.transpose(1, 2)
+    cent, fresh = _centroids_for(cache_layer, k_cache, s.block_size, mask.static())
+    seqlens = mask.seqlens(bsz, key.device)
+    leftpad = mask.leftpad()
+    if fresh:
+        old = leftpad if leftpad is not None else torch.zeros_like(seqlens)
+        max_new = k_cache.shape[1] // s.block_size + 1
     else:
-        prev_real = (rows.n_real - rows.valid[:, past:].sum(1)).tolist()
-    if state is None or not state.matches(key, past, prev_real, s.block_size):
-        state = MobaDecodeState(bsz, key.shape[1], d, s.block_size, key.device)
-        if past > 0:
-            state.rebuilds += 1
-            state.advance(key, rows, prev_real, past)
-        setattr(holder, _STATE_ATTR, state)
-    state.advance(key, rows, n_real, tk)
-
-    if past > 0 and tq == 1 and rows.contiguous:
-        out = moba_decode_attention(query[:, :, 0], key, value, rows.first, rows.n_real,
-                                    state.centroids, block_size=s.block_size, topk=s.topk,
-                                    scale=scaling,
-                                    backend=s.backend if s.backend in DECODE_BACKENDS else "torch")
-        if rows.valid is not None:  # a padded query slot gets zeros
-            out = out * rows.valid[:, -1, None, None].to(out.dtype)
-        return out[:, None], None
-    return _moba_prefill(query, key, value, rows, seg, past, s, scaling), None
+        old = seqlens - tq
+        max_new = tq // s.block_size + 1
+    update_centroids(cent, k_cache, old, seqlens, block_size=s.block_size,
+                     max_new_blocks=max_new, cache_leftpad=leftpad, backend=s.backend)
+    return cent
 
 
 # ----------------------------------------------------------------------------- public API
 def register_moba() -> None:
-    """Register ``"moba"`` with transformers (idempotent). ``enable_moba`` calls it; call it
-    yourself before ``from_pretrained(..., attn_implementation="moba")``."""
+    """Register ``"moba"`` with transformers (idempotent; importing this module does it)."""
     AttentionInterface.register(ATTN_NAME, moba_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, moba_mask)
+
+
+register_moba()
 
 
 def _attention_modules(model):
@@ -613,6 +628,12 @@ def _attention_modules(model):
     return mods
 
 
+def _configs(model, mods):
+    configs = {id(model.config): model.config}
+    configs.update({id(m.config): m.config for m in mods})
+    return configs.values()
+
+
 def enable_moba(model, *, block_size: int | None = None, topk: int | None = None,
                 full_attn_layers=(), decode: str = "moba", backend: str = "auto",
                 deterministic: bool = False):
@@ -622,16 +643,14 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
         model: a transformers ``PreTrainedModel`` whose attention goes through
             ``AttentionInterface`` (Llama, Qwen2, Qwen3, Mistral, ...).
         block_size: tokens per key block. topk: blocks each query attends, counting its own.
-            Both omitted: restore the settings saved in ``model.config.moba`` (after
-            ``from_pretrained`` of a model saved with MoBA enabled).
+            Both omitted: restore the settings saved in ``model.config.moba``.
         full_attn_layers: layer indices that keep dense causal attention (negative indices
             count from the end: ``(-3, -2, -1)`` is the paper's hybrid, last 3 layers full).
         decode: ``"moba"`` routes decode and chunked-prefill queries with MoBA over the cache
             (sparse decode with cached block centroids); ``"full"`` makes every call that has
             cached keys dense, as the paper decodes.
-        backend: passed to ``moba_attn_varlen_func`` (``"auto"``: Triton on CUDA, else torch).
-        deterministic: passed to ``moba_attn_varlen_func``: fixed-order gradient reductions,
-            so that training runs repeat bit for bit.
+        backend: passed to the MoBA ops (``"auto"``: Triton on CUDA, else torch).
+        deterministic: fixed-order gradient reductions, so training runs repeat bit for bit.
 
     Raises:
         ValueError for bad settings, out-of-range layer indices, models without
@@ -677,15 +696,14 @@ def enable_moba(model, *, block_size: int | None = None, topk: int | None = None
         prev = MobaSettings.from_config(model.config).previous_attn_implementation
     settings = MobaSettings(block_size, topk, tuple(sorted(set(full))), decode, backend,
                             prev or "sdpa", deterministic)
-    configs = {id(model.config): model.config}
-    configs.update({id(m.config): m.config for m in mods})
-    for cfg in configs.values():
+    for cfg in _configs(model, mods):
         setattr(cfg, CONFIG_KEY, settings.to_dict())
+        # saved into config.json, so that from_pretrained loads the model back into "moba"
+        cfg.attn_implementation = ATTN_NAME
     model.set_attn_implementation(ATTN_NAME)
     for m in mods:
         if getattr(m, _HOOK_ATTR, None) is None:
             _install_hook(m)
-        m.__dict__.pop(_STATE_ATTR, None)
     return model
 
 
@@ -700,16 +718,13 @@ def disable_moba(model):
         prev = MobaSettings.from_config(model.config).previous_attn_implementation
     if model.config._attn_implementation == ATTN_NAME:
         model.set_attn_implementation(prev)
-    configs = {id(model.config): model.config}
-    configs.update({id(m.config): m.config for m in mods})
-    for cfg in configs.values():
-        if hasattr(cfg, CONFIG_KEY):
-            delattr(cfg, CONFIG_KEY)
+    for cfg in _configs(model, mods):
+        for attr in (CONFIG_KEY, "attn_implementation"):
+            if attr in cfg.__dict__:
+                delattr(cfg, attr)
     for m in mods:
         hook = m.__dict__.pop(_HOOK_ATTR, None)
         if hook is not None:
             hook.remove()
         m.__dict__.pop(_CACHE_REF_ATTR, None)
-        m.__dict__.pop(_STATE_ATTR, None)
     return model
-

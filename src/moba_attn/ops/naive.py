@@ -1,13 +1,14 @@
 """Ground truth for MoBA: one sequence at a time, a dense boolean mask, plain softmax.
 
 Readable in a minute and slow on purpose (O(Tq * Tk) memory per sequence). Every fast path
-is tested against this file. The rule (see ops/README.md and MOBA_SPEC.md):
+is tested against this file. The rule (see ops/README.md):
 
   query at key position t, own block c = t // B, query head h (kv head h // (Hq // Hkv))
   1. centroid of block i = mean of its keys, in fp32
   2. gate score s_i = <q_t, centroid_i> in fp32 (unscaled)
   3. candidates: blocks i < c of the same sequence
-  4. pick all candidates if c <= k - 1, else the k - 1 best (ties -> lower block index)
+  4. pick all candidates if c <= k - 1, else the k - 1 best (ties -> lower block index;
+     a NaN score ranks below every number)
   5. attend to the picked blocks (whole) and to keys c*B .. t of the own block
 """
 
@@ -44,11 +45,16 @@ def moba_mask_naive(q: torch.Tensor, k: torch.Tensor, block_size: int, topk: int
     gate = torch.einsum("qhd,nhd->hqn", q.float(), centroids)  # [Hq, Tq, n_blocks]
     # 3. candidates: strictly earlier blocks
     blocks = torch.arange(n_blocks, device=q.device)
-    candidate = blocks[None, None, :] < own_q[None, :, None]  # [1, Tq, n_blocks]
-    gate = gate.masked_fill(~candidate, float("-inf"))
-    # 4. top-(k-1) with the tie rule: a stable descending sort keeps lower indices first
+    candidate = (blocks[None, None, :] < own_q[None, :, None]).expand_as(gate)  # [Hq, Tq, nb]
+    # 4. top-(k-1) with the tie rule: stable descending sorts keep lower indices first;
+    #    candidates with a number, then candidates scored NaN, then non-candidates
     n_pick = min(topk - 1, n_blocks)
-    order = torch.sort(gate, dim=-1, descending=True, stable=True).indices[..., :n_pick]
+    nan = torch.isnan(gate)
+    by_score = torch.sort(gate.masked_fill(nan, float("-inf")), dim=-1, descending=True,
+                          stable=True).indices
+    rank = (candidate.long() + (candidate & ~nan).long()).gather(-1, by_score)
+    order = by_score.gather(-1, torch.sort(rank, dim=-1, descending=True, stable=True).indices)
+    order = order[..., :n_pick]
     if selection is not None:  # external routing: [Tq, Hq, k-1] -> [Hq, Tq, k-1]
         order = selection.permute(1, 0, 2).long()
         order = torch.where(order >= 0, order, own_q[None, :, None].expand_as(order))
@@ -109,3 +115,37 @@ def moba_attn_naive(
         out = out.index_put((index,), torch.cat(pieces))
         lse[:, index] = torch.cat([l for _, l in lses], 1).detach().float()
     return out, lse
+
+
+def moba_attn_with_kvcache_naive(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    *,
+    block_size: int,
+    topk: int,
+    softmax_scale: float | None = None,
+    cache_leftpad: torch.Tensor | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference MoBA over a KV cache: ``(out [B, Tq, Hq, D], lse [B, Hq, Tq])``.
+
+    Row ``b``'s keys are slots ``cache_leftpad[b] .. cache_seqlens[b] - 1`` of
+    ``k_cache/v_cache [B, Tmax, Hkv, D]``; its ``Tq`` queries are the last ``Tq`` of them
+    (bottom-right alignment), so this is :func:`moba_attn_naive` on each row.
+    """
+    bsz, tq = q.shape[:2]
+    ends = cache_seqlens.tolist()
+    starts = [0] * bsz if cache_leftpad is None else cache_leftpad.tolist()
+    outs, lses = [], []
+    for b in range(bsz):
+        keys = ends[b] - starts[b]
+        cu_q = torch.tensor([0, tq], device=q.device)
+        cu_k = torch.tensor([0, keys], device=q.device)
+        o, l = moba_attn_naive(q[b], k_cache[b, starts[b] : ends[b]], v_cache[b, starts[b] : ends[b]],
+                               cu_q, cu_k, block_size=block_size, topk=topk,
+                               softmax_scale=softmax_scale, compute_dtype=compute_dtype)
+        outs.append(o)
+        lses.append(l)
+    return torch.stack(outs), torch.stack(lses)

@@ -1,0 +1,136 @@
+"""The backends and the one place where a call picks one.
+
+Each backend says with one ``supports(...)`` predicate whether it can run a call (``None``)
+or why not (a reason naming the fix). ``resolve`` turns the user's ``backend=`` into a
+:class:`Backend` once per call; everything below it receives that object and never decides
+again:
+
+- ``"naive"``: ``ops/naive.py``, the ground truth (plain autograd, slow on purpose);
+- ``"torch"``: ``ops/torch/`` (any device; the CPU path);
+- ``"triton"``: ``ops/triton/`` (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``);
+- ``"auto"``: Triton for CUDA tensors it supports, else torch.
+
+An explicit name that cannot run the call raises ``ValueError``: nothing falls back
+silently to something other than what was asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from .layout import BlockLayout, with_block_size
+
+BACKENDS = ("auto", "naive", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of MoBA: the modules that hold its gate, attention and KV-cache
+    functions (imported when first used)."""
+
+    name: str
+
+    def supports(self, device: torch.device, dtype: torch.dtype, head_dim: int,
+                 block_size: int, topk: int) -> str | None:
+        if self.name == "triton":
+            if importlib.util.find_spec("triton") is None:
+                return "the triton package is not installed (pip install 'moba-attn[triton]')"
+            try:
+                from .triton import schedule
+            except Exception as err:  # noqa: BLE001  a triton build that cannot load
+                return f"triton cannot be imported ({str(err).splitlines()[0][:120]})"
+            return schedule.supported(device, dtype, head_dim, block_size, topk)
+        return None  # naive and torch run everything the public functions accept
+
+    # ----------------------------------------------------------------- implementation modules
+    def _module(self, role: str):
+        pkg = "torch" if self.name == "naive" else self.name
+        return importlib.import_module(f"{__package__}.{pkg}.{role}")
+
+    def gate(self, q, k, layout: BlockLayout, topk: int, config):
+        """``sel [total_q, Hq, k-1]`` int64 global block ids (-1 = unused)."""
+        return self._module("gate").gate(q, k, layout, topk, config)
+
+    def centroids(self, k, layout: BlockLayout):
+        return self._module("gate").block_centroids(k, layout)
+
+    def select(self, q, centroids, layout: BlockLayout, topk: int, config):
+        return self._module("gate").select_blocks(q, centroids, layout, topk, config)
+
+    def attend(self, q, k, v, layout: BlockLayout, sel, topk: int, scale: float, config):
+        """Attention given the selection: ``(out, lse [Hq, T])``."""
+        if self.name == "triton":
+            return self._module("forward").attend(q, k, v, layout, sel, topk, scale, config)
+        return self._module("attention").forward(q, k, v, layout, sel, topk, scale, config)
+
+    def backward(self, q, k, v, out, lse, dout, layout: BlockLayout, sel, topk: int,
+                 scale: float, deterministic: bool, config):
+        mod = self._module("backward" if self.name == "triton" else "attention")
+        return mod.backward(q, k, v, out, lse, dout, layout, sel, topk, scale, deterministic,
+                            config)
+
+    def plan(self, layout: BlockLayout, topk: int) -> tuple[BlockLayout, int]:
+        """The layout and ``topk`` the kernels run: the torch path runs an exactly-dense call
+        as one causal own block per sequence (no gate, one pass)."""
+        if self.name == "torch" and layout.is_dense(topk) and topk > 1:
+            return with_block_size(layout, max(layout.max_len_k, 1)), 1
+        return layout, topk
+
+    # ----------------------------------------------------------------- KV cache
+    def kvcache(self, q, k_cache, v_cache, cache_seqlens, cache_leftpad, centroids, *,
+                block_size: int, topk: int, scale: float, config):
+        """``(out [B, Tq, Hq, D], lse [B * Tq, Hq])`` over the cache."""
+        if self.name == "triton":
+            mod = self._module("decode")
+            sel = mod.select(q, centroids, cache_seqlens, cache_leftpad, block_size=block_size,
+                             topk=topk, config=config)
+            return mod.attend(q, k_cache, v_cache, cache_seqlens, cache_leftpad, sel,
+                              block_size=block_size, scale=scale, config=config)
+        return self._module("decode").kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad,
+                                              centroids, block_size=block_size, topk=topk,
+                                              scale=scale, config=config)
+
+    def compute_centroids(self, k_cache, cache_seqlens, cache_leftpad, *, block_size: int,
+                          n_blocks: int):
+        return self._module("decode").compute_centroids(k_cache, cache_seqlens, cache_leftpad,
+                                                        block_size=block_size, n_blocks=n_blocks)
+
+    def update_centroids(self, centroids, k_cache, old_seqlens, new_seqlens, cache_leftpad, *,
+                         block_size: int, max_new_blocks: int):
+        return self._module("decode").update_centroids(
+            centroids, k_cache, old_seqlens, new_seqlens, cache_leftpad, block_size=block_size,
+            max_new_blocks=max_new_blocks)
+
+
+NAIVE, TORCH, TRITON = Backend("naive"), Backend("torch"), Backend("triton")
+_BY_NAME = {"naive": NAIVE, "torch": TORCH, "triton": TRITON}
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+            block_size: int, topk: int) -> Backend:
+    """The backend that runs a call: the named one (``ValueError`` naming why it cannot run
+    the call), or for ``"auto"`` Triton for CUDA tensors it supports and torch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and TRITON.supports(device, dtype, head_dim, block_size,
+                                                     topk) is None:
+            return TRITON
+        return TORCH
+    chosen = _BY_NAME[backend]
+    reason = chosen.supports(device, dtype, head_dim, block_size, topk)
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+    return chosen
+
+
+def by_name(name: str) -> Backend:
+    """A resolved backend from its name (custom ops carry names, not objects)."""
+    return _BY_NAME[name]
+
+
+__all__ = ["BACKENDS", "NAIVE", "TORCH", "TRITON", "Backend", "by_name", "resolve"]
