@@ -488,23 +488,28 @@ def _dense(module, query, key, value, mask: MobaMask | None, seg, dropout, scali
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout,
                                       scaling=scaling, **kwargs)
     dev = query.device
-    offset = (tk - tq) if mask is None else mask.q_offset
-    if isinstance(offset, torch.Tensor):
-        offset = offset.to(dev)
-    i = torch.arange(tq, device=dev)[:, None] + offset
-    j = torch.arange(tk, device=dev)[None, :]
-    allowed = (j <= i)[None, None].expand(bsz, 1, tq, tk)
-    if mask is not None and mask.padding is not None:
-        pad = mask.padding
-        if pad.shape[1] < tk:
-            pad = torch.cat([pad, pad.new_ones(bsz, tk - pad.shape[1])], 1)
-        allowed = allowed & pad[:, None, None, :]
-    if seg is not None:
-        cu = seg[0].long()
-        sid = torch.bucketize(torch.arange(bsz * tq, device=dev), cu[1:-1], right=True)
-        sid = sid.view(bsz, tq)
-        allowed = allowed & (sid[:, None, :, None] == sid[:, None, None, :])
-    allowed = allowed | (j == i)  # a padded query keeps its own slot: no empty row, no NaN
+
+    def build():
+        offset = (tk - tq) if mask is None else mask.q_offset
+        if isinstance(offset, torch.Tensor):
+            offset = offset.to(dev)
+        i = torch.arange(tq, device=dev)[:, None] + offset
+        j = torch.arange(tk, device=dev)[None, :]
+        allowed = (j <= i)[None, None].expand(bsz, 1, tq, tk)
+        if mask is not None and mask.padding is not None:
+            pad = mask.padding
+            if pad.shape[1] < tk:
+                pad = torch.cat([pad, pad.new_ones(bsz, tk - pad.shape[1])], 1)
+            allowed = allowed & pad[:, None, None, :]
+        if seg is not None:
+            cu = seg[0].long()
+            sid = torch.bucketize(torch.arange(bsz * tq, device=dev), cu[1:-1], right=True)
+            sid = sid.view(bsz, tq)
+            allowed = allowed & (sid[:, None, :, None] == sid[:, None, None, :])
+        return allowed | (j == i)  # a padded query keeps its own slot: no empty row, no NaN
+
+    # one mask per forward, shared by the dense layers
+    allowed = build() if mask is None else mask._get(("dense", bsz, tq, tk), build)
     return sdpa_attention_forward(module, query, key, value, allowed, dropout=dropout,
                                   scaling=scaling, **kwargs)
 
@@ -599,6 +604,9 @@ def _fill_centroids(cache_layer, key, mask: MobaMask, s: MobaSettings, tq: int):
         old = leftpad if leftpad is not None else torch.zeros_like(seqlens)
         max_new = k_cache.shape[1] // s.block_size + 1
     else:
+        if not mask.static() and leftpad is None and \
+                (mask.q_offset + tq) // s.block_size == mask.q_offset // s.block_size:
+            return cent  # the lengths are on the host and no block completes in this call
         old = seqlens - tq
         max_new = tq // s.block_size + 1
     update_centroids(cent, k_cache, old, seqlens, block_size=s.block_size,

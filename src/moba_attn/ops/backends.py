@@ -16,8 +16,10 @@ silently to something other than what was asked for.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +27,7 @@ import torch
 from .layout import BlockLayout, with_block_size
 
 BACKENDS = ("auto", "naive", "torch", "triton")
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @dataclass(frozen=True)
@@ -36,20 +39,15 @@ class Backend:
 
     def supports(self, device: torch.device, dtype: torch.dtype, head_dim: int,
                  block_size: int, topk: int) -> str | None:
+        """None when this backend runs the call, else why not (naming the fix)."""
         if self.name == "triton":
-            if importlib.util.find_spec("triton") is None:
-                return "the triton package is not installed (pip install 'moba-attn[triton]')"
-            try:
-                from .triton import schedule
-            except Exception as err:  # noqa: BLE001  a triton build that cannot load
-                return f"triton cannot be imported ({str(err).splitlines()[0][:120]})"
-            return schedule.supported(device, dtype, head_dim, block_size, topk)
+            return _triton_reason(device.type, dtype, head_dim, block_size, topk,
+                                  os.environ.get("TRITON_INTERPRET", "0"))
         return None  # naive and torch run everything the public functions accept
 
     # ----------------------------------------------------------------- implementation modules
     def _module(self, role: str):
-        pkg = "torch" if self.name == "naive" else self.name
-        return importlib.import_module(f"{__package__}.{pkg}.{role}")
+        return _implementation("torch" if self.name == "naive" else self.name, role)
 
     def gate(self, q, k, layout: BlockLayout, topk: int, config):
         """``sel [total_q, Hq, k-1]`` int64 global block ids (-1 = unused)."""
@@ -106,6 +104,12 @@ class Backend:
             max_new_blocks=max_new_blocks)
 
 
+@functools.lru_cache(maxsize=None)
+def _implementation(pkg: str, role: str):
+    """The module ``ops/<pkg>/<role>.py``, imported when first used."""
+    return importlib.import_module(f"{__package__}.{pkg}.{role}")
+
+
 NAIVE, TORCH, TRITON = Backend("naive"), Backend("torch"), Backend("triton")
 _BY_NAME = {"naive": NAIVE, "torch": TORCH, "triton": TRITON}
 
@@ -114,18 +118,37 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype, head_dim: in
             block_size: int, topk: int) -> Backend:
     """The backend that runs a call: the named one (``ValueError`` naming why it cannot run
     the call), or for ``"auto"`` Triton for CUDA tensors it supports and torch otherwise."""
+    return _BY_NAME[_resolved_name(backend, device.type, dtype, head_dim, block_size, topk,
+                                   os.environ.get("TRITON_INTERPRET", "0"))]
+
+
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=256)
+def _resolved_name(backend, device_type, dtype, head_dim, block_size, topk, interpret) -> str:
+    """The decision of :func:`resolve`: a pure function of the call's kind (kept per kind;
+    a constant to the compiler)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and TRITON.supports(device, dtype, head_dim, block_size,
-                                                     topk) is None:
-            return TRITON
-        return TORCH
-    chosen = _BY_NAME[backend]
-    reason = chosen.supports(device, dtype, head_dim, block_size, topk)
-    if reason is not None:
-        raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
-    return chosen
+        ok = device_type == "cuda" and _triton_reason(device_type, dtype, head_dim, block_size,
+                                                      topk, interpret) is None
+        return "triton" if ok else "torch"
+    if backend == "triton":
+        reason = _triton_reason(device_type, dtype, head_dim, block_size, topk, interpret)
+        if reason is not None:
+            raise ValueError(f"backend={backend!r} cannot run this call: {reason}")
+    return backend
+
+
+@functools.lru_cache(maxsize=256)
+def _triton_reason(device_type, dtype, head_dim, block_size, topk, interpret) -> str | None:
+    if not _HAS_TRITON:
+        return "the triton package is not installed (pip install 'moba-attn[triton]')"
+    try:
+        from .triton import schedule
+    except Exception as err:  # noqa: BLE001  a triton build that cannot load
+        return f"triton cannot be imported ({str(err).splitlines()[0][:120]})"
+    return schedule.supported(torch.device(device_type), dtype, head_dim, block_size, topk)
 
 
 def by_name(name: str) -> Backend:

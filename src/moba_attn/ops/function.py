@@ -100,7 +100,7 @@ def _dense_shortcut(q, layout: BlockLayout, topk: int, backend: Backend,
     return (backend is TRITON and q.device.type == "cuda" and not deterministic
             and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 128
             and layout.is_dense(topk) and layout.total_q > 0 and layout.equal_lengths
-            and bool((layout.lens_q == layout.lens_k).all()))
+            and layout.self_attention)
 
 
 def moba_attention(q, k, v, layout: BlockLayout, *, topk: int, scale: float, backend: Backend,

@@ -19,6 +19,7 @@ per-row and per-block index tensors are computed on the device with tensor ops o
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -53,61 +54,37 @@ class BlockLayout:
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ host facts
+    # computed once from the lengths (``_facts``): every call reads them, none recomputes
     @property
     def device(self) -> torch.device:
         return self.row_pos.device
 
-    @property
-    def n_seqs(self) -> int:
-        return int(self.lens_q.shape[0])
+    def _fact(self, name: str):
+        facts = self._memo.get("facts")
+        if facts is None:
+            facts = self._memo["facts"] = _facts(self.lens_q, self.lens_k, self.block_size)
+        return facts[name]
 
-    @property
-    def total_q(self) -> int:
-        return int(self.lens_q.sum())
-
-    @property
-    def total_k(self) -> int:
-        return int(self.lens_k.sum())
+    n_seqs = property(lambda self: self._fact("n_seqs"))
+    total_q = property(lambda self: self._fact("total_q"))
+    total_k = property(lambda self: self._fact("total_k"))
+    n_blocks = property(lambda self: self._fact("n_blocks"))
+    max_len_q = property(lambda self: self._fact("max_len_q"))
+    max_len_k = property(lambda self: self._fact("max_len_k"))
+    max_seq_blocks = property(lambda self: self._fact("max_seq_blocks"))
+    width = property(lambda self: self._fact("width"), doc="Padded block width: "
+                     "``min(block_size, longest key sequence)`` (at least 1).")
+    all_full = property(lambda self: self._fact("all_full"),
+                        doc="Every block has exactly ``width`` tokens.")
+    equal_lengths = property(lambda self: self._fact("equal_lengths"), doc="All sequences "
+                             "have the same query length and the same key length.")
+    self_attention = property(lambda self: self._fact("self_attention"),
+                              doc="Every sequence has as many queries as keys.")
 
     @property
     def seq_blocks(self) -> np.ndarray:
         """Blocks of every sequence (host, ``[n_seqs]``)."""
         return (self.lens_k + self.block_size - 1) // self.block_size
-
-    @property
-    def n_blocks(self) -> int:
-        return int(self.seq_blocks.sum())
-
-    @property
-    def max_len_q(self) -> int:
-        return int(self.lens_q.max(initial=0))
-
-    @property
-    def max_len_k(self) -> int:
-        return int(self.lens_k.max(initial=0))
-
-    @property
-    def max_seq_blocks(self) -> int:
-        return int(self.seq_blocks.max(initial=0))
-
-    @property
-    def width(self) -> int:
-        """Padded block width: ``min(block_size, longest key sequence)`` (at least 1)."""
-        return max(1, min(self.block_size, self.max_len_k))
-
-    @property
-    def all_full(self) -> bool:
-        """Every block has exactly ``width`` tokens."""
-        lk = self.lens_k[self.lens_k > 0]
-        if self.max_len_k >= self.block_size:
-            return bool((lk % self.block_size == 0).all())
-        return bool((lk == self.max_len_k).all())
-
-    @property
-    def equal_lengths(self) -> bool:
-        """All sequences have the same query length and the same key length."""
-        return bool((self.lens_q == self.lens_q[0]).all() and (self.lens_k == self.lens_k[0]).all()) \
-            if self.n_seqs else True
 
     def is_dense(self, topk: int) -> bool:
         """MoBA with this ``topk`` is exactly dense causal attention for every query: no
@@ -115,10 +92,14 @@ class BlockLayout:
         return self.max_seq_blocks <= topk
 
     def memo(self, key, build):
-        """``build()`` once per layout and ``key``: arrays the planners derive from it."""
+        """``build()`` once per layout and ``key``: arrays the planners derive from it. While
+        a CUDA graph is being captured nothing is kept (tensors made there hold their values
+        only once the graph replays)."""
         hit = self._memo.get(key)
         if hit is None:
-            hit = self._memo[key] = build()
+            hit = build()
+            if not _capturing():
+                self._memo[key] = hit
         return hit
 
     # ------------------------------------------------------------------ host per-row views
@@ -177,6 +158,26 @@ class BlockLayout:
         return tok, valid
 
 
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _facts(lens_q: np.ndarray, lens_k: np.ndarray, block_size: int) -> dict:
+    nb = (lens_k + block_size - 1) // block_size
+    max_k = int(lens_k.max(initial=0))
+    width = max(1, min(block_size, max_k))
+    lk = lens_k[lens_k > 0]
+    all_full = bool((lk % block_size == 0).all()) if max_k >= block_size else \
+        bool((lk == max_k).all())
+    n = int(lens_q.shape[0])
+    equal = n == 0 or bool((lens_q == lens_q[0]).all() and (lens_k == lens_k[0]).all())
+    return {"n_seqs": n, "total_q": int(lens_q.sum()), "total_k": int(lens_k.sum()),
+            "n_blocks": int(nb.sum()), "max_len_q": int(lens_q.max(initial=0)),
+            "max_len_k": max_k, "max_seq_blocks": int(nb.max(initial=0)), "width": width,
+            "all_full": all_full, "equal_lengths": equal,
+            "self_attention": bool((lens_q == lens_k).all())}
+
+
 def _floor_sum(n: np.ndarray, b: int) -> np.ndarray:
     """``sum_{p < n} p // b`` elementwise."""
     q, r = n // b, n % b
@@ -216,13 +217,30 @@ def _from_lengths(lens_q: np.ndarray, lens_k: np.ndarray, block_size: int,
 def batch_layout(batch: int, seqlen_q: int, seqlen_k: int, block_size: int,
                  device: torch.device | str) -> BlockLayout:
     """Layout of ``batch`` sequences of ``seqlen_q`` queries over ``seqlen_k`` keys each,
-    from the shapes alone (no device-to-host copy; safe under CUDA graph capture)."""
+    from the shapes alone (no device-to-host copy; safe under CUDA graph capture).
+
+    The shapes determine the layout entirely, so layouts are kept by shape (a few of them):
+    a model's layers and every step reuse one, with the tiles and plans derived from it.
+    Under CUDA graph capture a fresh one is built (its tensors get filled only when the
+    graph replays)."""
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return _build_batch_layout(batch, seqlen_q, seqlen_k, block_size, dev)
+    return _cached_batch_layout(batch, seqlen_q, seqlen_k, block_size, dev)
+
+
+def _build_batch_layout(batch: int, seqlen_q: int, seqlen_k: int, block_size: int,
+                        dev: torch.device) -> BlockLayout:
     steps = torch.arange(batch + 1, dtype=torch.int32, device=dev)
     cu_q = steps * seqlen_q
     cu_k = cu_q if seqlen_k == seqlen_q else steps * seqlen_k
     return _from_lengths(np.full(batch, seqlen_q), np.full(batch, seqlen_k), block_size,
                          cu_q, cu_k)
+
+
+_cached_batch_layout = functools.lru_cache(maxsize=16)(_build_batch_layout)
 
 
 def check_cu_seqlens(name: str, cu: torch.Tensor) -> None:

@@ -37,25 +37,27 @@ LOG2E = 1.4426950408889634
 
 
 def _arange(layout: BlockLayout, n: int, dtype, device) -> torch.Tensor:
-    """``arange(n)`` (the searchsorted probes), kept on the layout."""
-    a = layout.memo(("arange", str(dtype)), lambda: torch.arange(
-        max(n, 1024), dtype=dtype, device=device))
-    if a.shape[0] < n:
-        a = layout._memo[("arange", str(dtype))] = torch.arange(n, dtype=dtype, device=device)
-    return a[:n]
+    """``arange(n)`` (the searchsorted probes), kept on the layout per length and dtype."""
+    return layout.memo(("arange", n, str(dtype)), lambda: torch.arange(n, dtype=dtype,
+                                                                      device=device))
 
 
 def plan_schedule(layout: BlockLayout, q: torch.Tensor, hkv: int, topk: int,
                   config: MobaConfig) -> str:
-    """The schedule :func:`attend` takes for this call (``"diag"`` when ``topk == 1``)."""
+    """The schedule :func:`attend` takes for this call (``"diag"`` when ``topk == 1``),
+    decided once per layout and call shape."""
     total_q, hq, d = q.shape
     k1 = max(topk - 1, 0)
     if k1 == 0:
         return "diag"
-    est = total_q * (hq // hkv) * k1 / max(layout.n_blocks, 1)
-    sel_bm = schedule.fwd_tiles(d, layout.block_size, est, config)[0]
-    floored = schedule.part_floored(q.numel() * q.element_size(), config)
-    return schedule.choose_schedule(layout, est, sel_bm, k1, d, floored, config)
+
+    def choose():
+        est = total_q * (hq // hkv) * k1 / max(layout.n_blocks, 1)
+        sel_bm = schedule.fwd_tiles(d, layout.block_size, est, config)[0]
+        floored = schedule.part_floored(q.numel() * q.element_size(), config)
+        return schedule.choose_schedule(layout, est, sel_bm, k1, d, floored, config)
+
+    return layout.memo(("schedule", hq, hkv, d, topk, q.element_size(), config), choose)
 
 
 def attend(q, k, v, layout: BlockLayout, sel, topk: int, scale: float, config: MobaConfig):
@@ -127,7 +129,8 @@ def attend(q, k, v, layout: BlockLayout, sel, topk: int, scale: float, config: M
         part_dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
         budget = schedule.part_budget_elems(q.numel() * q.element_size(), part_dtype.itemsize,
                                             config)
-        plan = schedule.passes(tiles.start_np, tiles.end_np, hq, hkv, k1, d, budget)
+        plan = layout.memo(("passes", diag_bm, hq, hkv, k1, d, budget), lambda: schedule.passes(
+            tiles.start_np, tiles.end_np, hq, hkv, k1, d, budget))
         n_ent_cap = max((r1 - r0) * nkh * group * k1 for _, nkh, _, _, r0, r1 in plan)
         part_o = torch.empty(n_ent_cap, d, dtype=part_dtype, device=q.device)
         part_l = torch.empty(n_ent_cap, dtype=torch.float32, device=q.device)
@@ -140,7 +143,8 @@ def attend(q, k, v, layout: BlockLayout, sel, topk: int, scale: float, config: M
         n_chunks = len(chunk_start) if shared else 1
         # first row of every row chunk, gathered on the device from the tile starts
         first_tiles = sorted({t_lo for _, _, t_lo, _, _, _ in plan})
-        chunk_t = torch.stack([tiles.start[t] for t in first_tiles]) if shared else tiles.start
+        chunk_t = layout.memo(("chunk_starts", diag_bm, tuple(first_tiles)), lambda: torch.stack(
+            [tiles.start[t] for t in first_tiles])) if shared else tiles.start
         max_buckets = (hkv * n_chunks if shared else max(p[1] for p in plan)) * n_blocks
         n_keys = n_all if shared else n_ent_cap
     # bucket keys are < 2**15 in most calls: int16 halves the radix sort's passes

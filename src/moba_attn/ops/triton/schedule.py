@@ -11,6 +11,7 @@ Measured constants say where they were measured (H200, bf16, D=128 unless stated
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -322,7 +323,12 @@ def bwd_tile(kernel: str, block_d: int, block_size: int, config: MobaConfig):
 def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:  # a property of the hardware
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _pow2_floor(x: int) -> int:
