@@ -104,7 +104,7 @@ class Backend:
             max_new_blocks=max_new_blocks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _implementation(pkg: str, role: str):
     """The module ``ops/<pkg>/<role>.py``, imported when first used."""
     return importlib.import_module(f"{__package__}.{pkg}.{role}")

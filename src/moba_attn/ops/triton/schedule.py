@@ -326,7 +326,7 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:  # a property of the hardware
     return torch.cuda.get_device_properties(index).multi_processor_count
 
