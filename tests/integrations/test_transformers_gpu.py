@@ -77,13 +77,26 @@ def test_long_context_decode_matches_the_full_pass():
     assert (inc.argmax(-1) == full.argmax(-1)).float().mean().item() > 0.9
 
 
+def _first_difference_is_a_near_tie(got, want, scores, prompt_len, tol=2e-2):
+    """Tokens equal, or where they first differ the reference's two best logits were within
+    ``tol`` (relative): a bf16 near tie that any change of summation order may flip."""
+    diff = (got[0, prompt_len:] != want[0, prompt_len:]).nonzero()
+    if diff.numel() == 0:
+        return True
+    step = int(diff[0])
+    top = scores[step][0].float().topk(2).values
+    return bool((top[0] - top[1]).abs() <= tol * top[0].abs().clamp(min=1.0))
+
+
 def test_static_cache_generate_compiled_by_transformers_equals_eager():
-    # transformers compiles the decode step of a static cache itself on CUDA (reduce-overhead)
+    # transformers compiles the decode step of a static cache itself on CUDA (reduce-overhead);
+    # inductor also compiles the rest of the model (norms, MLPs), so in bf16 the first token
+    # that differs must be a near tie of eager's logits
     model = enable_moba(_model().eval(), block_size=512, topk=3)
     model.generation_config.eos_token_id = None
     x = torch.randint(3, 1000, (1, 9000), device="cuda")
     kw = {"attention_mask": torch.ones_like(x), "max_new_tokens": 32, "do_sample": False,
-          "pad_token_id": 0}
+          "pad_token_id": 0, "return_dict_in_generate": True, "output_scores": True}
     eager = model.generate(x, **kw)  # dynamic cache
     model.generation_config.disable_compile = True
     static = model.generate(x, cache_implementation="static", **kw)
@@ -91,5 +104,6 @@ def test_static_cache_generate_compiled_by_transformers_equals_eager():
     torch._dynamo.reset()
     compiled = model.generate(x, cache_implementation="static", **kw)
     assert hasattr(model, "_compiled_call")  # transformers did compile the forward
-    assert torch.equal(eager, static)
-    assert torch.equal(compiled[:, : x.shape[1] + 32], eager[:, : x.shape[1] + 32])
+    assert torch.equal(eager.sequences, static.sequences)
+    assert _first_difference_is_a_near_tie(compiled.sequences, eager.sequences, eager.scores,
+                                           x.shape[1])
