@@ -283,11 +283,14 @@ def _run(cmd: list[str]) -> str | None:
 
 
 def commit() -> str:
-    """``git rev-parse --short HEAD`` (plus ``+changes`` when src/ or benchmarks/ differ from
-    it), else ``$COMMIT``, else ``unknown``."""
+    """``$COMMIT`` when set (a copy of the tree whose git metadata may be another's), else
+    ``git rev-parse --short HEAD`` (plus ``+changes`` when src/ or benchmarks/ differ from
+    it), else ``unknown``."""
+    if os.environ.get("COMMIT"):
+        return os.environ["COMMIT"]
     head = _run(["git", "rev-parse", "--short", "HEAD"])
     if head is None:
-        return os.environ.get("COMMIT", "unknown")
+        return "unknown"
     dirty = _run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src",
                   "benchmarks"])
     return head + ("+changes" if dirty else "")

@@ -203,3 +203,17 @@ def test_gpu_gate_random_agreement(precision, min_agree):
     agree = (got.sort(-1).values == want.sort(-1).values).all(-1).float().mean().item()
     print(f"gate {precision}: {agree:.4%} of (row, head) selections equal the fp32 CPU gate")
     assert agree >= min_agree
+
+
+@pytest.mark.gpu
+def test_gpu_nan_centroid_rule_matches_the_reference():
+    q, k, cu = _nan_case()
+    ref = _naive_blocks(q, k, 16, 3)
+    got = _sets(moba_select(q.cuda(), k.cuda(), cu.cuda(), cu.cuda(), block_size=16, topk=3,
+                            backend="triton", config=MobaConfig(gate_precision="ieee")))
+    assert all(got[t][h] == ref[h][t] for t in range(160) for h in range(2))
+    kc = k[None].cuda()
+    cent = kc.reshape(1, 10, 16, 1, 16).float().mean(2)
+    out = moba_attn_with_kvcache(q[None, -1:].cuda(), kc, kc.clone(), torch.tensor([160]).cuda(),
+                                 block_size=16, topk=3, centroids=cent, backend="triton")
+    assert torch.isfinite(out).all()

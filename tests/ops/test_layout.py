@@ -144,3 +144,18 @@ def test_query_tiles_cover_rows_and_respect_boundaries(lq, lk, bsz, bm, split):
         assert len(set(key[s:e].tolist())) == 1  # one sequence (one own block with split)
         covered.extend(range(s, e))
     assert covered == list(range(lay.total_q))
+
+
+@pytest.mark.gpu
+def test_gpu_a_layout_never_goes_stale():
+    q, k, v, cu, _ = packed_inputs([600, 400], [600, 400], 4, 2, 128, torch.bfloat16, "cuda")
+    kw = {"block_size": 64, "topk": 3, "backend": "triton"}
+    lay = prepare_layout(cu, cu, block_size=64)
+    first = moba_attn_varlen_func(q, k, v, cu, cu, 1000, 1000, layout=lay, validate=False, **kw)
+    cu.data.copy_(cu_seqlens([300, 700], "cuda"))
+    after = moba_attn_varlen_func(q, k, v, cu, cu, 1000, 1000, **kw)
+    fresh = cu_seqlens([300, 700], "cuda")
+    assert torch.equal(after, moba_attn_varlen_func(q, k, v, fresh, fresh, 1000, 1000, **kw))
+    assert not torch.equal(after, first)
+    again = moba_attn_varlen_func(q, k, v, cu, cu, 1000, 1000, layout=lay, validate=False, **kw)
+    assert torch.equal(again, first)
