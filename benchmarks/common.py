@@ -43,7 +43,7 @@ PLOT_HINT = "matplotlib is not installed: no PNG (pip install matplotlib, or mob
 # ----------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class Setting:
-    """One attention shape of shared/PERF.md: batch, query / key-value heads, head dim,
+    """One attention shape of the benchmarks: batch, query / key-value heads, head dim,
     MoBA block size and top-k (counting the own block)."""
 
     name: str

@@ -1,6 +1,6 @@
 """One MoBA decode step through ``moba_attn_with_kvcache`` against dense SDPA decode.
 
-Setting (shared/PERF.md): one new token per sequence, 32 q / 8 kv heads, D=128, bf16, a full
+Setting: one new token per sequence, 32 q / 8 kv heads, D=128, bf16, a full
 KV cache of random keys and values (random routing); MoBA block 512 / top-8 and block 4096 /
 top-12; caches of 128K and 1M tokens; batch 1 and 16. The step is called as a decode loop
 calls it: ``validate=False`` and the block centroids passed in (computed once here, as

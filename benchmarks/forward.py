@@ -8,7 +8,7 @@ FLASH_ATTENTION backends (``enable_gqa`` for GQA), plus each call's peak-memory 
 ``--gate`` adds the gate alone. Before any timing, every setting's public functions are
 checked against the fp64 reference on ``topk + 2`` blocks (abort on failure).
 
-Settings (shared/PERF.md): paper = 1 seq, 8 heads, D=128, block 4096, top-12; flashmoba =
+Settings: paper = 1 seq, 8 heads, D=128, block 4096, top-12; flashmoba =
 batch 2, 16 heads, block 128, top-8; gqa = 32 q / 8 kv heads, block 512, top-3.
 
     python benchmarks/forward.py --out bench_out                 # the default jobs, ~4 min

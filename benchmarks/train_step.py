@@ -1,6 +1,6 @@
 """A transformers Llama training step with MoBA attention against the same model on SDPA.
 
-The model (shared/PERF.md): 8 layers, hidden 1024, 8 q / 2 kv heads, head_dim 128,
+The model: 8 layers, hidden 1024, 8 q / 2 kv heads, head_dim 128,
 intermediate 2816, vocab 32000, built from a ``LlamaConfig`` with random weights (no
 download), bf16 weights, gradient checkpointing, batch 1, AdamW. One variant runs
 ``attn_implementation="sdpa"``, the other the same model after

@@ -82,6 +82,7 @@ def test_plot_only_redraws_the_png(forward_out):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
                     reason="the Triton CPU interpreter (TRITON_INTERPRET=1, no GPU)")
+@pytest.mark.slow
 def test_forward_smoke_triton_interpreter(tmp_path):
     pytest.importorskip("triton")
     run_script("forward.py", tmp_path, "--smoke", "--backend", "triton", "--jobs", "gqa:300",
@@ -90,6 +91,7 @@ def test_forward_smoke_triton_interpreter(tmp_path):
     assert row["backend"] == "triton" and row["schedule"] in ("masked", "in-place", "partials")
 
 
+@pytest.mark.slow
 def test_backward_smoke(tmp_path):
     run_script("backward.py", tmp_path, "--smoke")
     data = load(tmp_path, "backward")
@@ -117,6 +119,7 @@ def test_train_step_smoke(tmp_path):
     assert data["rows"][0]["x_sdpa"] == 1.0
 
 
+@pytest.mark.slow
 def test_cp_dry_run(tmp_path):
     text = run_script("cp.py", tmp_path, "--dry-run", timeout=300)
     assert "selective" in text and "allgather" in text

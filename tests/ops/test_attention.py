@@ -85,6 +85,7 @@ def test_every_forward_schedule(schedule, case):
     _check("triton", case, torch.float32, MobaConfig(schedule=schedule), grads=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("budget", [4096, 1 << 16], ids=["row-chunks", "head-groups"])
 def test_partial_passes_match_one_pass(budget):
     # a partial budget under one kv head's partials: one kv head at a time over row chunks

@@ -6,26 +6,12 @@ import contextlib
 import csv
 from pathlib import Path
 
-import pytest
 import torch
 
 from moba_attn.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMALL = ["--seq-len", "128", "--batch-size", "4", "--no-progress"]
-
-
-def _has_integration() -> bool:
-    try:
-        import moba_attn.integrations.transformers  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_moba = pytest.mark.skipif(
-    not _has_integration(), reason="moba_attn.integrations.transformers cannot be imported"
-)
 
 
 def moba(*argv: str) -> int:

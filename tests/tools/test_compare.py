@@ -12,10 +12,9 @@ pytest.importorskip("transformers")
 
 from moba_attn.train.config import TrainConfig
 
-from .helpers import SMALL, is_png, moba, needs_moba, rows
+from .helpers import SMALL, is_png, moba, rows
 
 
-@needs_moba
 def test_compare_writes_summary(tmp_path):
     out = tmp_path / "cmp"
     code = moba(
@@ -51,7 +50,6 @@ def test_compare_writes_summary(tmp_path):
     assert abs(float(first[0]["loss"]) - float(first[1]["loss"])) < 0.05
 
 
-@needs_moba
 def test_compare_sizes_steps_to_a_time_budget(tmp_path, capsys):
     out = tmp_path / "budget"
     args = [
@@ -80,7 +78,6 @@ def test_compare_sizes_steps_to_a_time_budget(tmp_path, capsys):
     assert "keeping" in capsys.readouterr().out and len(rows(out / "full")) == steps[0]
 
 
-@needs_moba
 def test_compare_split_over_processes_then_one_report(tmp_path, capsys):
     """Disjoint --train-only runs share --out; the final run trains nothing and reports all."""
     out = tmp_path / "cmp"

@@ -17,7 +17,7 @@ from moba_attn.train.config import PRESETS, TrainConfig
 from moba_attn.train.data import TASK, Corpus, load_corpus
 from moba_attn.train.modeling import moba_sparsity
 
-from .helpers import SMALL, is_png, moba, needs_moba, rows
+from .helpers import SMALL, is_png, moba, rows
 
 
 # ----------------------------------------------------------------------------- data
@@ -195,7 +195,6 @@ def test_heldout_tail_change_reads_the_last_fifth_of_the_steps():
     assert heldout_tail_change(sparse[:1], 2192) is None  # nothing after the window's start
 
 
-@needs_moba
 def test_hybrid_switches_and_moba_changes_the_model(tmp_path):
     common = [
         "--seq-len",
@@ -231,7 +230,6 @@ def test_hybrid_switches_and_moba_changes_the_model(tmp_path):
     assert abs(lm - lf) < 0.05
 
 
-@needs_moba
 def test_deterministic_flag_reaches_moba_and_pytorch(tmp_path, monkeypatch):
     """``--deterministic``: the op gets ``deterministic=True`` and PyTorch's switch is on for
     the training step only; without the flag neither."""
@@ -261,7 +259,6 @@ def test_deterministic_flag_reaches_moba_and_pytorch(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-@needs_moba
 @pytest.mark.parametrize("attn", ["moba", "full"])
 def test_deterministic_reruns_are_bit_identical_on_cuda(tmp_path, attn):
     """Two ``--deterministic`` runs of the same config on CUDA: the same losses, gradient
