@@ -109,6 +109,26 @@ def test_decode_smoke(tmp_path):
         assert r["sdpa_ms"] > 0 and r["x_sdpa"] > 0
 
 
+@pytest.mark.slow
+def test_generation_smoke(tmp_path):
+    run_script("generation.py", tmp_path, "--smoke")
+    data = load(tmp_path, "generation")
+    impls = {(r["part"], r["impl"]) for r in data["rows"]}
+    assert impls == {("eager", "sdpa"), ("eager", "moba"), ("eager", "moba-decode-full"),
+                     ("compiled", "sdpa"), ("compiled", "moba")}
+    for r in data["rows"]:
+        assert r["decode_ms"] > 0 and r["tokens_s"] > 0 and r["x_sdpa"] > 0
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" or torch.cuda.is_available(),
+                    reason="the Triton gate under the CPU interpreter")
+def test_gate_smoke(tmp_path):
+    run_script("gate.py", tmp_path, "--smoke", "--backend", "triton")
+    data = json.loads((tmp_path / "gate.json").read_text())
+    assert data["rows"] and all(r["tf32_ms"] > 0 and r["ieee_ms"] > 0 and 0 <= r["agree"] <= 1
+                                for r in data["rows"])
+
+
 def test_train_step_smoke(tmp_path):
     pytest.importorskip("transformers")
     run_script("train_step.py", tmp_path, "--smoke")
