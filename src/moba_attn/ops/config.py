@@ -42,8 +42,14 @@ class MobaConfig:
         decode_attn_splits: token chunks per block (a power of two dividing block/16).
         decode_attn_tile: ``(BN, warps, stages)``.
     Torch path:
-        torch_part_elems: elements of per-slot partials ``[rows, Hq, k, D]`` per row chunk.
-        torch_tile_elems: elements of one batch of ``[C, R, W]`` score tiles.
+        torch_part_elems: elements of the slot outputs ``[rows, Hq, k, D]`` of one row chunk
+            (plus, off the CPU flash kernel, its own-block scores ``[rows, Hq, W]``).
+        torch_tile_elems: elements of the tensors one batch of selected-block tiles holds:
+            its gathered and computed rows ``[C, R, D]`` and keys ``[C, W, D]`` (plus, off the
+            CPU flash kernel, its scores ``[C, R, W]``). The default keeps each fp32 tensor
+            of a batch under 32 MB, the largest size glibc reuses from its heap: bigger ones
+            are fresh pages every batch (about 0.5 ms/MB of page faults on the 2-core dev VM,
+            more than the gather itself).
         gate_chunk_elems: elements of one ``[rows, Hq, #blocks]`` gate score chunk.
     """
 

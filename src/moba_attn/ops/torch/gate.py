@@ -68,6 +68,11 @@ def sortable_key(scores: torch.Tensor, candidate: torch.Tensor | None = None) ->
     return key
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """A min and a max (which propagate NaN) instead of boolean masks of ``x``'s size."""
+    return x.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(x))).all())
+
+
 def top_blocks(scores: torch.Tensor, candidate: torch.Tensor,
                m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``m`` best candidate columns per row and whether each pick is a candidate (rows
@@ -79,7 +84,7 @@ def top_blocks(scores: torch.Tensor, candidate: torch.Tensor,
     exact unless the m-th and (m+1)-th values tie; only those rows use the int64 keys. Any
     non-finite candidate score sends the call to the int64 keys, which rank NaN last.
     """
-    if not bool(torch.isfinite(scores).logical_or_(~candidate).all()):
+    if not _all_finite(scores.masked_fill(~candidate, 0.0)):
         keys = sortable_key(scores, candidate)
         kv, idx = keys.topk(m, dim=-1)
         return idx, kv > NOT_CANDIDATE
