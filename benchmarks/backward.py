@@ -94,30 +94,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if common.handle_plot_only(args):
         return
-    args.moba_config = common.parse_config(args.config)
-    device = common.pick_device(args, "backward.py")
-    backend = common.pick_backend(args, device)
-    dtype = common.work_dtype(device)
-    settings = common.SMOKE_SETTINGS if args.smoke else common.SETTINGS
-    jobs = common.parse_jobs(args.jobs or (SMOKE_JOBS if args.smoke else DEFAULT_JOBS), settings)
-    result = common.new_result(NAME, "MoBA forward+backward vs dense causal SDPA", device,
-                               {"backend": backend, "dtype": str(dtype), "smoke": args.smoke,
-                                "config": args.config, "jobs": [(s.name, t) for s, t in jobs]})
-    print(result["machine_line"], flush=True)
-    result["plot"] = PLOT
-    for setting in dict.fromkeys(s for s, _ in jobs):
-        result["checks"].append(common.check_moba(setting, device=device, dtype=dtype,
-                                                  backend=backend, grads=True, varlen=False,
-                                                  config=args.moba_config, seed=args.seed))
-        common.free_memory(device)
-    common.report_checks(result, args.out, NAME)
-    for setting, t in jobs:
-        row = run_job(setting, t, args, device, dtype, backend)
-        result["rows"].append(row)
-        print(" ".join(f"{key}={row[key]:.3g}" if isinstance(row[key], float) else
-                       f"{key}={row[key]}" for key in row), flush=True)
-        common.free_memory(device)
-    common.finish(result, args.out, NAME, COLUMNS)
+    common.run_setting_jobs(args, name=NAME, title="MoBA forward+backward vs dense causal SDPA",
+                            default_jobs=DEFAULT_JOBS, smoke_jobs=SMOKE_JOBS, run_job=run_job,
+                            columns=COLUMNS, plot_spec=PLOT, grads=True, varlen=False)
 
 
 if __name__ == "__main__":

@@ -591,6 +591,38 @@ def finish(result: dict, out_dir, name: str, columns: list[tuple[str, str, str]]
     print(format_table(rows, shown))
 
 
+def run_setting_jobs(args, *, name: str, title: str, default_jobs: str, smoke_jobs: str,
+                     run_job: Callable, columns, plot_spec: dict, grads: bool,
+                     varlen: bool = True) -> None:
+    """The body of a script over ``setting:length`` jobs (forward.py, backward.py): the
+    device and backend, the fp64 check of every setting (abort on failure), then
+    ``run_job(setting, t, args, device, dtype, backend) -> row`` for each job, and the files."""
+    args.moba_config = parse_config(args.config)
+    device = pick_device(args, f"{name}.py")
+    backend = pick_backend(args, device)
+    dtype = work_dtype(device)
+    settings = SMOKE_SETTINGS if args.smoke else SETTINGS
+    jobs = parse_jobs(args.jobs or (smoke_jobs if args.smoke else default_jobs), settings)
+    result = new_result(name, title, device,
+                        {"backend": backend, "dtype": str(dtype), "smoke": args.smoke,
+                         "config": args.config, "jobs": [(s.name, t) for s, t in jobs]})
+    print(result["machine_line"], flush=True)
+    result["plot"] = plot_spec
+    for setting in dict.fromkeys(s for s, _ in jobs):
+        result["checks"].append(check_moba(setting, device=device, dtype=dtype, backend=backend,
+                                           grads=grads, varlen=varlen,
+                                           config=args.moba_config, seed=args.seed))
+        free_memory(device)
+    report_checks(result, args.out, name)
+    for setting, t in jobs:
+        row = run_job(setting, t, args, device, dtype, backend)
+        result["rows"].append(row)
+        print(" ".join(f"{key}={row[key]:.3g}" if isinstance(row[key], float) else
+                       f"{key}={row[key]}" for key in row), flush=True)
+        free_memory(device)
+    finish(result, args.out, name, columns)
+
+
 def parse_config(text: str | None):
     """``--config '{"schedule": "partials"}'`` -> ``moba_attn.MobaConfig`` (None: defaults)."""
     from moba_attn import MobaConfig

@@ -346,8 +346,6 @@ def moba_attn_with_kvcache(
     Same rule as the packed functions with bottom-right alignment per row: query ``i`` of
     row ``b`` sits at real position ``cache_seqlens[b] - cache_leftpad[b] - Tq + i``.
     """
-    if not all(isinstance(t, torch.Tensor) for t in (q, k_cache, v_cache)):
-        raise TypeError("q, k_cache and v_cache must be torch.Tensors")
     check_qkv(q, k_cache, v_cache, 4, "[batch, seqlen, heads, head_dim]", _HEADS_FIRST)
     bsz, tq, hq, d = q.shape
     tmax, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -415,14 +413,10 @@ def moba_attn_with_kvcache(
 
 def _kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad, centroids, block_size, topk,
              scale, backend_name, cfg):
-    be = backends.by_name(backend_name)
     with torch.no_grad():
-        if centroids is None:
-            centroids = be.compute_centroids(k_cache, cache_seqlens, cache_leftpad,
-                                             block_size=block_size,
-                                             n_blocks=k_cache.shape[1] // block_size)
-        return be.kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad, centroids,
-                          block_size=block_size, topk=topk, scale=scale, config=cfg)
+        return backends.by_name(backend_name).kvcache(
+            q, k_cache, v_cache, cache_seqlens, cache_leftpad, centroids, block_size=block_size,
+            topk=topk, scale=scale, config=cfg)
 
 
 def update_centroids(centroids: torch.Tensor, k_cache: torch.Tensor, old_seqlens: torch.Tensor,
@@ -499,7 +493,7 @@ def moba_select(q: torch.Tensor, k: torch.Tensor, cu_seqlens_q: torch.Tensor,
         _check_layout(layout, q, k, cu_seqlens_q, cu_seqlens_k, block_size, True)
     with torch.no_grad():
         sel = be.gate(q, k, layout, topk, cfg)
-    return torch.where(sel >= 0, sel - layout.row_first[:, None, None], sel)
+    return layout.local_blocks(sel)
 
 
 __all__ = [

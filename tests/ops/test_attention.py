@@ -196,7 +196,7 @@ def _gpu_check(q, k, v, cu_q, cu_k, bsz, topk, config=None, rows=None, floor=1e-
     if grads:
         dout = torch.randn_like(out)
         got = torch.autograd.grad(out, xs, dout)
-        sel_local = torch.where(sel >= 0, sel - lay.row_first[:, None, None], sel)
+        sel_local = lay.local_blocks(sel)
         from ..utils import reference
 
         def ref(dt):

@@ -246,7 +246,10 @@ class _Rows:
     def counts(self, lo: int, hi: int) -> list[int]:
         """Real tokens of every row among slots ``[lo, hi)`` (host)."""
         if not self.contiguous:
-            return self._memo.setdefault(("counts", lo, hi), self.valid[:, lo:hi].sum(1).tolist())
+            key = ("counts", lo, hi)
+            if key not in self._memo:
+                self._memo[key] = self.valid[:, lo:hi].sum(1).tolist()
+            return self._memo[key]
         return [max(min(f + m, hi) - max(f, lo), 0) for m, f in zip(self.n_real, self.first)]
 
     def index(self, lo: int, hi: int, width: int, shift: int = 0) -> torch.Tensor:

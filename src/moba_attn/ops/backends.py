@@ -81,7 +81,11 @@ class Backend:
     # ----------------------------------------------------------------- KV cache
     def kvcache(self, q, k_cache, v_cache, cache_seqlens, cache_leftpad, centroids, *,
                 block_size: int, topk: int, scale: float, config):
-        """``(out [B, Tq, Hq, D], lse [B * Tq, Hq])`` over the cache."""
+        """``(out [B, Tq, Hq, D], lse [B * Tq, Hq])`` over the cache; ``centroids`` None
+        computes them from every full block of the cache first."""
+        if centroids is None:
+            centroids = self.compute_centroids(k_cache, cache_seqlens, cache_leftpad,
+                                               block_size=block_size)
         if self.name == "triton":
             mod = self._module("decode")
             sel = mod.select(q, centroids, cache_seqlens, cache_leftpad, block_size=block_size,
@@ -92,10 +96,15 @@ class Backend:
                                               centroids, block_size=block_size, topk=topk,
                                               scale=scale, config=config)
 
-    def compute_centroids(self, k_cache, cache_seqlens, cache_leftpad, *, block_size: int,
-                          n_blocks: int):
-        return self._module("decode").compute_centroids(k_cache, cache_seqlens, cache_leftpad,
-                                                        block_size=block_size, n_blocks=n_blocks)
+    def compute_centroids(self, k_cache, cache_seqlens, cache_leftpad, *, block_size: int):
+        """fp32 ``[B, Tmax // block_size, Hkv, D]`` mean keys of every full block of every
+        cache row: every block the rows' valid slots fill, from their first real slot."""
+        bsz, tmax, hkv, d = k_cache.shape
+        n_blocks = tmax // block_size
+        cent = torch.zeros(bsz, n_blocks, hkv, d, dtype=torch.float32, device=k_cache.device)
+        start = torch.zeros_like(cache_seqlens) if cache_leftpad is None else cache_leftpad
+        return self.update_centroids(cent, k_cache, start, cache_seqlens, cache_leftpad,
+                                     block_size=block_size, max_new_blocks=n_blocks)
 
     def update_centroids(self, centroids, k_cache, old_seqlens, new_seqlens, cache_leftpad, *,
                          block_size: int, max_new_blocks: int):

@@ -86,10 +86,6 @@ def moba_kvcache_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: 
                     config: str) -> tuple[Tensor, Tensor]:
     be, cfg = by_name(backend), MobaConfig.from_json(config)
     with torch.no_grad():
-        if centroids is None:
-            centroids = be.compute_centroids(k_cache, cache_seqlens, cache_leftpad,
-                                             block_size=block_size,
-                                             n_blocks=k_cache.shape[1] // block_size)
         out, lse = be.kvcache(q, k_cache, v_cache, cache_seqlens, cache_leftpad, centroids,
                               block_size=block_size, topk=topk, scale=scale, config=cfg)
     return out.contiguous(), lse.contiguous()

@@ -117,7 +117,7 @@ def moba_attention(q, k, v, layout: BlockLayout, *, topk: int, scale: float, bac
         out, lse = moba_attn_naive(q, k, v, layout.cu_seqlens_q, layout.cu_seqlens_k,
                                    block_size=layout.block_size, topk=topk, softmax_scale=scale,
                                    compute_dtype=dtype, selection=None if sel is None else
-                                   _local_selection(sel, layout))
+                                   layout.local_blocks(sel))
         return out.to(q.dtype), lse
     q, k, v = (x.contiguous() for x in (q, k, v))
     if sel is None and _dense_shortcut(q, layout, topk, backend, deterministic):
@@ -131,11 +131,6 @@ def moba_attention(q, k, v, layout: BlockLayout, *, topk: int, scale: float, bac
         layout, topk = backend.plan(layout, topk)
     return MobaAttention.apply(q, k, v, layout, None, sel, layout.block_size, topk, scale,
                                backend, config, deterministic)
-
-
-def _local_selection(sel: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
-    """Global block ids -> block indices inside each row's sequence (-1 kept)."""
-    return torch.where(sel >= 0, sel - layout.row_first[:, None, None], sel)
 
 
 __all__ = ["MobaAttention", "moba_attention"]

@@ -149,6 +149,11 @@ class BlockLayout:
         lk, lq = self.lens_k, self.lens_q
         return int((lk * (lk + 1) // 2 - (lk - lq) * (lk - lq + 1) // 2).sum())
 
+    def local_blocks(self, sel: torch.Tensor) -> torch.Tensor:
+        """Selections ``[total_q, Hq, k-1]`` as global block ids -> block indices inside each
+        row's sequence (-1 kept)."""
+        return torch.where(sel >= 0, sel - self.row_first[:, None, None], sel)
+
     # ------------------------------------------------------------------ block tokens
     def block_tokens(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(token index [n_blocks, width], valid [n_blocks, width])`` of every block slot."""

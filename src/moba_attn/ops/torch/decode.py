@@ -22,16 +22,6 @@ def _positions(cache_seqlens, cache_leftpad, tq: int):
     return start, (end - start)[:, None] - tq + i[None, :]
 
 
-def compute_centroids(k_cache, cache_seqlens, cache_leftpad, *, block_size: int,
-                      n_blocks: int) -> torch.Tensor:
-    """fp32 ``[B, n_blocks, Hkv, D]`` mean keys of every full block of every cache row."""
-    bsz, _, hkv, d = k_cache.shape
-    cent = torch.zeros(bsz, n_blocks, hkv, d, dtype=torch.float32, device=k_cache.device)
-    start = torch.zeros_like(cache_seqlens) if cache_leftpad is None else cache_leftpad
-    return update_centroids(cent, k_cache, start, cache_seqlens, cache_leftpad,
-                            block_size=block_size, max_new_blocks=n_blocks)
-
-
 def update_centroids(centroids, k_cache, old_seqlens, new_seqlens, cache_leftpad, *,
                      block_size: int, max_new_blocks: int) -> torch.Tensor:
     """Write (in place) the centroids of the blocks that became full between ``old`` and
@@ -113,4 +103,4 @@ def _rows(q, kc, vc, start, t, cent, block_size, m, scale, cdt, tmax, hkv, g):
     return out, lse.reshape(bsz, tq, hq).float()
 
 
-__all__ = ["compute_centroids", "kvcache", "update_centroids"]
+__all__ = ["kvcache", "update_centroids"]

@@ -120,17 +120,6 @@ def attend(q, k_cache, v_cache, cache_seqlens, cache_leftpad, sel, *, block_size
     return out.view(bsz, tq, hq, d), lse
 
 
-def compute_centroids(k_cache, cache_seqlens, cache_leftpad, *, block_size: int,
-                      n_blocks: int) -> torch.Tensor:
-    """fp32 ``[B, n_blocks, Hkv, D]`` mean keys of every full block of every cache row."""
-    bsz, _, hkv, d = k_cache.shape
-    cent = torch.zeros(bsz, n_blocks, hkv, d, dtype=torch.float32, device=k_cache.device)
-    start = torch.zeros_like(cache_seqlens) if cache_leftpad is None else cache_leftpad
-    update_centroids(cent, k_cache, start, cache_seqlens, cache_leftpad, block_size=block_size,
-                     max_new_blocks=n_blocks)
-    return cent
-
-
 def update_centroids(centroids, k_cache, old_seqlens, new_seqlens, cache_leftpad, *,
                      block_size: int, max_new_blocks: int) -> torch.Tensor:
     """Write (in place) the centroids of the blocks that became full between ``old`` and
@@ -152,4 +141,4 @@ def update_centroids(centroids, k_cache, old_seqlens, new_seqlens, cache_leftpad
     return centroids
 
 
-__all__ = ["attend", "compute_centroids", "select", "update_centroids"]
+__all__ = ["attend", "select", "update_centroids"]
